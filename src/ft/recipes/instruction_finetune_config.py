@@ -1,0 +1,88 @@
+"""The config of `ft lm instruction_finetune`: every key a user can set.
+
+Key names follow fairseq2's instruction fine-tuning tutorial (DESIGN.md). The
+defaults train the embedded default (tiny model, tokenizer, dataset) on a CPU in
+about a minute; for a real model set at least `model`, `dataset`, `dtype`,
+`learning_rate` and `max_num_steps`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class InstructionFinetuneConfig:
+    # What to train on.
+    model: str = "ft_tiny"
+    """A model card name, a checkpoint path, or with `resume_checkpoint_dir`:
+    `last_checkpoint` / `checkpoint_step_N`."""
+    tokenizer: str | None = None
+    """A tokenizer card or path; default: the model card's tokenizer."""
+    dataset: str = "ft_default_sft"
+    """A dataset card name, a .jsonl file, or a directory of them (subfolders are splits)."""
+    train_split: str = "train"
+    valid_split: str = "valid"
+    dataset_format: Literal["auto", "src_tgt", "chat", "alpaca", "dolly", "gsm8k"] = "auto"
+    max_seq_len: int = 512
+    max_num_tokens: int = 2048
+    """Tokens per micro-batch per rank (rows x max_seq_len)."""
+    packing: bool = True
+    example_too_long: Literal["drop", "truncate"] = "drop"
+    skip_malformed_lines: bool = False
+
+    # Precision and device.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype; auto is bfloat16 on GPUs and float32 on CPUs."""
+    mixed_precision: bool = True
+    """Keep float32 master weights and compute in `dtype` (False: parameters in `dtype`)."""
+    device: str = "auto"
+
+    # Length of the run.
+    max_num_steps: int = 150
+    max_num_data_epochs: int | None = None
+    seed: int = 2
+
+    # Optimizer and schedule.
+    learning_rate: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    max_grad_norm: float | None = 1.0
+    gradient_accumulation: int = 1
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 10
+    final_lr_scale: float = 0.1
+    """The learning rate at the last step, as a fraction of `learning_rate`."""
+
+    # Memory and speed.
+    activation_checkpointing: Literal["none", "full", "selective"] | bool = "none"
+    torch_compile: bool = False
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the cross-entropy, so full-vocabulary fp32 logits never exist at once."""
+
+    # Parallelism (torchrun / Slurm / one process).
+    data_parallelism: Literal["fsdp", "ddp"] = "fsdp"
+    tensor_parallel_size: int = 1
+    fsdp_reshard_after_forward: bool = True
+    fsdp_replicas: int = 1
+    """HSDP: replicate across this many groups and shard within each (1: plain FSDP)."""
+
+    # Checkpoints.
+    checkpoint_every_n_steps: int = 1000
+    keep_last_n_checkpoints: int | None = 1
+    keep_last_n_models: int | None = None
+    save_model_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    resume_checkpoint_dir: str | None = None
+    """Start from another run's weights: a `checkpoints` directory, with
+    `model=last_checkpoint` or `model=checkpoint_step_N`."""
+
+    # Metrics and validation.
+    publish_metrics_every_n_steps: int = 10
+    validate_every_n_steps: int | None = None
+    metric_recorders: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Any of jsonl (always on), tensorboard, wandb."""
+    wandb_project: str = "ft"
+    peak_tflops: float | None = None
+    """The device's peak for MFU; default: a table of known GPUs."""
