@@ -1,0 +1,55 @@
+"""Cross-entropy summed over target tokens, without full-vocabulary fp32 logits.
+
+Only positions with a label (not -100) go through the output projection, in
+chunks of `chunk_size` tokens, so at most chunk_size x vocab logits exist at
+once. The sum (not the mean) is returned: the trainer divides by the target
+tokens of the whole optimizer step, across accumulation steps and ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss(hidden_CD: torch.Tensor, weight_VD: torch.Tensor, labels_C: torch.Tensor) -> torch.Tensor:
+    logits_CV = hidden_CD @ weight_VD.t()
+    return F.cross_entropy(logits_CV.float(), labels_C, reduction="sum")
+
+
+def chunked_cross_entropy_sum(
+    hidden_BTD: torch.Tensor,
+    output_weight_VD: torch.Tensor,
+    labels_BT: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """sum over target tokens of -log p(label), computed chunk by chunk in float32."""
+    target_mask_BT = labels_BT != IGNORE_INDEX
+    hidden_ND = hidden_BTD[target_mask_BT]
+    labels_N = labels_BT[target_mask_BT]
+    total = hidden_BTD.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden_ND.shape[0], chunk_size):
+        # Recomputed in backward, so no chunk's logits outlive its own loss.
+        total = total + checkpoint(
+            _chunk_loss,
+            hidden_ND[start : start + chunk_size],
+            output_weight_VD,
+            labels_N[start : start + chunk_size],
+            use_reentrant=False,
+        )
+    if hidden_ND.shape[0] == 0:
+        # Keep the graph connected so backward works on a batch without targets.
+        total = total + 0.0 * hidden_BTD.sum()
+    return total
+
+
+def cross_entropy_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """The same sum from full logits (reference path, and for sharded-vocabulary logits)."""
+    return F.cross_entropy(
+        logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )

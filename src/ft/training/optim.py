@@ -1,0 +1,62 @@
+"""AdamW and the learning-rate schedule (warm-up, then cosine, linear or constant)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    learning_rate: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> torch.optim.AdamW:
+    """AdamW with no decay on norms and biases (1-D parameters), as is standard for LLMs."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    on_cuda = any(p.is_cuda for p in decay + no_decay)
+    # fused AdamW is one kernel for all parameters on GPU; foreach is the fast path on CPU.
+    kwargs = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **kwargs)
+
+
+def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, max_num_steps: int, final_lr_scale: float) -> float:
+    """The factor on the base learning rate for optimizer step `step` (0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, max_num_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "linear":
+        return 1.0 - (1.0 - final_lr_scale) * progress
+    if schedule == "cosine":
+        return final_lr_scale + (1.0 - final_lr_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    schedule: str,
+    warmup_steps: int,
+    max_num_steps: int,
+    final_lr_scale: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    def multiplier(step: int) -> float:
+        return lr_multiplier(
+            step, schedule=schedule, warmup_steps=warmup_steps, max_num_steps=max_num_steps, final_lr_scale=final_lr_scale
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

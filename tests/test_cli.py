@@ -1,0 +1,103 @@
+"""The CLI surface: the verb list is frozen, help works, errors exit cleanly."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ft.cli import main, registered_commands
+
+# Adding a verb is a product decision: update this list on purpose.
+FROZEN_VERBS = {
+    "lm": ["generate", "instruction_finetune"],
+    "llama": ["write_hf_config"],
+    "assets": ["list", "show"],
+}
+
+# The recipe flags users type (DESIGN.md); renaming one breaks their scripts.
+FROZEN_RECIPE_FLAGS = {"--config", "--config-file", "--dump-config", "--no-sweep-dir", "--debug"}
+
+
+def test_verb_list_is_frozen():
+    assert registered_commands() == FROZEN_VERBS
+
+
+def test_recipe_flags_are_frozen():
+    from ft.cli import build_parser
+
+    parser = build_parser()
+    for group in ("lm",):
+        group_parser = parser._subparsers._group_actions[0].choices[group]
+        for name, command_parser in group_parser._subparsers._group_actions[0].choices.items():
+            flags = {opt for action in command_parser._actions for opt in action.option_strings} - {"-h", "--help"}
+            assert flags == FROZEN_RECIPE_FLAGS, name
+
+
+def run_ft(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "ft.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_help_lists_groups_and_commands():
+    result = run_ft("--help")
+    assert result.returncode == 0
+    for group in FROZEN_VERBS:
+        assert group in result.stdout
+    result = run_ft("lm", "--help")
+    assert "instruction_finetune" in result.stdout and "generate" in result.stdout
+
+
+def test_unknown_config_key_exits_2_naming_the_key(tmp_path):
+    result = run_ft("lm", "instruction_finetune", str(tmp_path / "x"), "--config", "no_such_key=1")
+    assert result.returncode == 2
+    assert "no_such_key" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_ft("lm", "instruction_finetune", str(tmp_path / "x"), "--debug", "--config", "no_such_key=1")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_dump_config_feeds_back(tmp_path):
+    result = run_ft("lm", "instruction_finetune", str(tmp_path / "x"), "--dump-config", "--config", "max_num_tokens=4096", "dtype=bfloat16")
+    assert result.returncode == 0
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(result.stdout)
+    again = run_ft("lm", "instruction_finetune", str(tmp_path / "x"), "--dump-config", "--config-file", str(config_file))
+    assert again.stdout == result.stdout
+    assert "max_num_tokens: 4096" in result.stdout
+
+
+def test_sweep_dir_depends_on_the_whole_config(tmp_path):
+    from ft.config import build_config
+    from ft.recipes.cli_support import prepare_output_dir
+    from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig
+
+    a = prepare_output_dir(tmp_path, InstructionFinetuneConfig(), sweep=True, sweep_prefix="ft")
+    b = prepare_output_dir(tmp_path, build_config(InstructionFinetuneConfig, overrides=["seed=7"]), sweep=True, sweep_prefix="ft")
+    c = prepare_output_dir(tmp_path / "plain", InstructionFinetuneConfig(), sweep=False, sweep_prefix="ft")
+    assert a != b and a.parent == b.parent == tmp_path
+    assert c == tmp_path / "plain"
+    assert (a / "config.yaml").is_file() and (c / "config.yaml").is_file()
+
+
+def test_assets_list_and_show():
+    listed = run_ft("assets", "list", "--type", "model")
+    assert listed.returncode == 0
+    for name in ("llama3_2_1b", "llama3_1_8b", "llama2_7b", "ft_tiny"):
+        assert name in listed.stdout
+    shown = run_ft("assets", "show", "llama3_2_1b")
+    assert shown.returncode == 0
+    assert "model_arch: llama3_2_1b" in shown.stdout and "llama.yaml" in shown.stdout
+
+
+def test_unknown_card_is_a_clean_error():
+    result = run_ft("assets", "show", "no_such_card")
+    assert result.returncode == 1
+    assert "no asset card named 'no_such_card'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [[], ["lm"]])
+def test_bare_groups_print_help(argv, capsys):
+    assert main(argv) == 0
