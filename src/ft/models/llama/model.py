@@ -317,6 +317,8 @@ class KVCache:
     def attention_mask(self, num_new: int) -> Tensor:
         """[B, 1, T, S] boolean mask of the T new queries over the S = length + T filled slots."""
         end = self.length + num_new
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, max_len={self.max_len}")
         device = self.valid_BS.device
         q_slot_T1 = torch.arange(self.length, end, device=device)[:, None]
         k_slot_1S = torch.arange(end, device=device)[None, :]
