@@ -69,32 +69,32 @@ def labels_of(example: Example) -> list[int]:
 def pack_rows(lengths: Sequence[int], order: Sequence[int], max_seq_len: int) -> Rows:
     """Place examples (visited in `order`) into rows of at most `max_seq_len` tokens.
 
-    First fit over the last few open rows; a row is closed (emitted) when it is
-    full or when too many rows are open. Deterministic for a given order.
+    First fit over the most recent open rows: a row stops taking examples when it
+    is full or when too many newer rows are open. Rows come out in the order they
+    were started, so row k begins with an earlier example than row k+1.
+    Deterministic for a given order.
     """
     rows: Rows = []
-    open_rows: list[tuple[int, list[int]]] = []  # (free tokens, example indices)
+    free: list[int] = []  # free tokens of each row
+    open_rows: list[int] = []  # indices of rows still taking examples, oldest first
     for i in order:
         n = lengths[i]
         if n > max_seq_len:
             raise ValueError(f"example {i} has {n} tokens, more than max_seq_len={max_seq_len}")
-        for k, (free, members) in enumerate(open_rows):
-            if n <= free:
-                members.append(i)
-                if free == n:
-                    rows.append(members)
+        for k, r in enumerate(open_rows):
+            if n <= free[r]:
+                rows[r].append(i)
+                free[r] -= n
+                if free[r] == 0:
                     del open_rows[k]
-                else:
-                    open_rows[k] = (free - n, members)
                 break
         else:
-            if n == max_seq_len:
-                rows.append([i])
-                continue
-            open_rows.append((max_seq_len - n, [i]))
-            if len(open_rows) > _OPEN_ROWS:
-                rows.append(open_rows.pop(0)[1])
-    rows.extend(members for _, members in open_rows)
+            rows.append([i])
+            free.append(max_seq_len - n)
+            if n < max_seq_len:
+                open_rows.append(len(rows) - 1)
+                if len(open_rows) > _OPEN_ROWS:
+                    open_rows.pop(0)
     return rows
 
 

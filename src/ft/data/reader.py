@@ -243,7 +243,7 @@ def iter_validation_batches(
     dp_rank: int = 0,
     pad_id: int = 0,
 ) -> Iterator[Batch]:
-    """One pass over `examples` in file order, in the training batch format.
+    """One pass over `examples`, unshuffled and deterministic, in the training batch format.
 
     Rank r takes micro-batches r, r + dp_size, ...; ranks that run out before the
     others get empty batches, so all ranks yield the same count and collectives
