@@ -19,6 +19,7 @@ def test_single_file(write_jsonl, tok):
     examples = read_examples(path, tok)
     assert len(examples) == 2 and examples.stats.num_rows == 2
     assert examples.stats.num_target_tokens == sum(e.num_target_tokens for e in examples)
+    assert examples.source.description == f"dataset {path} split 'train'"
     with pytest.raises(DataError, match="single file, so it has no 'valid' split"):
         resolve_dataset(path, "valid")
     assert resolve_dataset(path, None).files == (path,)

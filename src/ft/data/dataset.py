@@ -46,7 +46,9 @@ class DatasetSource:
     files: tuple[Path, ...]
     format: str | None = None
 
-    def describe(self) -> str:
+    @property
+    def description(self) -> str:
+        """`dataset NAME split 'S'`, for log lines and messages."""
         split = f" split '{self.split}'" if self.split else ""
         return f"dataset {self.name}{split}"
 
@@ -262,9 +264,9 @@ def read_examples(
         stats.num_target_tokens += num_targets
         examples.append(example)
     if stats.num_rows == 0:
-        raise DataError(f"{source.describe()} is empty: no rows in {_files(source)}")
+        raise DataError(f"{source.description} is empty: no rows in {_files(source)}")
     if not examples:
-        raise DataError(f"{source.describe()} has no usable examples: {_why_empty(stats, max_seq_len)}")
+        raise DataError(f"{source.description} has no usable examples: {_why_empty(stats, max_seq_len)}")
     return ExampleSet(examples, stats, source)
 
 
@@ -293,8 +295,8 @@ def read_prompts(
             _malformed(MalformedLine(path, line_no, str(err)), skip_malformed, stats)
     if not prompts:
         if stats.num_rows == 0:
-            raise DataError(f"{source.describe()} is empty: no rows in {_files(source)}")
-        raise DataError(f"{source.describe()} has no usable prompts ({stats.num_malformed} malformed lines)")
+            raise DataError(f"{source.description} is empty: no rows in {_files(source)}")
+        raise DataError(f"{source.description} has no usable prompts ({stats.num_malformed} malformed lines)")
     return prompts
 
 
