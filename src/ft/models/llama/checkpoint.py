@@ -290,6 +290,30 @@ def load_hf_checkpoint(model: Llama, path: Path) -> None:
                 tensor = disk[slices] if slices is not None else f.get_tensor(name)
                 local.copy_(tensor)
                 del tensor
+    if tied and "lm_head.weight" in files and not isinstance(params["model.embed_tokens.weight"], _dtensor_type()):
+        _check_tied_head(params["model.embed_tokens.weight"], files["lm_head.weight"])
+
+
+def _dtensor_type() -> type:
+    try:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor
+    except ImportError:  # pragma: no cover
+        return type(None)
+
+
+def _check_tied_head(embedding: Tensor, file: Path) -> None:
+    """A tied config must not silently drop a trained, different lm_head."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        head = f.get_tensor("lm_head.weight")
+    if head.shape != embedding.shape or not torch.equal(head.to(embedding.dtype), embedding.cpu()):
+        raise CheckpointError(
+            f"tensor 'lm_head.weight' in {file} differs from model.embed_tokens.weight, but the config ties "
+            "them (tie_embeddings / tie_word_embeddings); use an untied config for this checkpoint"
+        )
 
 
 def _safetensors_keys(file: Path) -> list[str]:

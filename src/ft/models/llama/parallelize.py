@@ -1,0 +1,276 @@
+"""Parallelism for Llama, applied from outside the model (STYLE.md rule 3).
+
+`parallelize_llama(model, gangs, ...)` applies, in this order:
+
+1. the tensor-parallel plan `llama_tp_plan(model)` (data: module name -> ParallelStyle)
+   over the `tp` gang: Megatron-style column-wise q/k/v and gate/up, row-wise o/down,
+   a vocabulary-parallel embedding and a column-wise `lm_head`;
+2. activation checkpointing per block, with the composable `checkpoint` API, which
+   keeps parameter names unchanged (a `checkpoint_wrapper` would insert
+   `_checkpoint_wrapped_module.` into every name the checkpoint and HF export see);
+3. `torch.compile` per block (`block.compile()`, names unchanged too);
+4. FSDP2 `fully_shard` per block, then the root, over the `dp` gang (HSDP when
+   `fsdp_replicas > 1`), or DDP (composable `replicate`) when asked.
+
+Data-parallel gradients are averaged over the dp gang (torch's default for FSDP and
+DDP): a trainer scales its summed loss by `dp_size / global_target_tokens`.
+
+The model is built on the meta device, parallelized, materialized with
+`to_empty(device=...)`, then loaded shard by shard with `load_sharded_state_dict`:
+no rank ever holds the full model. `iter_full_state_dict` gathers it back one tensor
+at a time for export.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Literal, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ft.errors import CheckpointError, ConfigError
+from ft.gang import Gangs
+from ft.models.llama.model import Llama, LlamaConfig
+
+DataParallelism = Literal["fsdp", "ddp"]
+ActivationCheckpointing = Literal["none", "full", "selective"]
+
+
+def check_parallel_layout(
+    config: LlamaConfig,
+    *,
+    tensor_parallel_size: int,
+    data_parallelism: str = "fsdp",
+    activation_checkpointing: str = "none",
+) -> None:
+    """ConfigError for a model/layout pair that cannot work; cheap, call it before building."""
+    if data_parallelism not in ("fsdp", "ddp"):
+        raise ConfigError(f"data_parallelism={data_parallelism!r} is not one of 'fsdp', 'ddp'")
+    if activation_checkpointing not in ("none", "full", "selective"):
+        raise ConfigError(
+            f"activation_checkpointing={activation_checkpointing!r} is not one of 'none', 'full', 'selective'"
+        )
+    tp = tensor_parallel_size
+    if tp == 1:
+        return
+    if data_parallelism == "ddp":
+        raise ConfigError(
+            f"data_parallelism=ddp cannot be combined with tensor_parallel_size={tp}; use data_parallelism=fsdp"
+        )
+    sizes = {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "ffn_dim": config.ffn_dim,
+             "vocab_size": config.vocab_size}
+    for name, size in sizes.items():
+        if size % tp:
+            divisors = [d for d in range(1, size + 1) if size % d == 0 and d <= 64]
+            raise ConfigError(
+                f"tensor_parallel_size={tp} does not divide the model's {name}={size}; "
+                f"use one of {divisors}"
+            )
+
+
+def llama_tp_plan(model: Llama, *, loss_parallel: bool = False) -> dict[str, Any]:
+    """Module name -> ParallelStyle for tensor parallelism (no sequence parallelism).
+
+    The residual stream stays replicated on every tp rank: the embedding (rows =
+    vocabulary sharded) all-reduces its output, each attention / MLP block turns the
+    replicated input into sharded heads / ffn columns and back with one all-reduce
+    in o_proj / down_proj. `lm_head` is column-wise (vocabulary sharded); its logits
+    are all-gathered to a plain replicated tensor, unless `loss_parallel`, where
+    they stay a DTensor sharded on the vocabulary (`Shard(-1)`) and the loss must be
+    computed under `torch.distributed.tensor.parallel.loss_parallel()`.
+    Tied embeddings work: both layers shard the [vocab, dim] weight on dim 0.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan: dict[str, Any] = {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+        "lm_head": ColwiseParallel(
+            output_layouts=Shard(-1) if loss_parallel else Replicate(), use_local_output=not loss_parallel
+        ),
+    }
+    for i in range(len(model.model.layers)):
+        p = f"model.layers.{i}"
+        plan.update({
+            f"{p}.self_attn.q_proj": ColwiseParallel(),
+            f"{p}.self_attn.k_proj": ColwiseParallel(),
+            f"{p}.self_attn.v_proj": ColwiseParallel(),
+            f"{p}.self_attn.o_proj": RowwiseParallel(),
+            f"{p}.mlp.gate_proj": ColwiseParallel(),
+            f"{p}.mlp.up_proj": ColwiseParallel(),
+            f"{p}.mlp.down_proj": RowwiseParallel(),
+        })
+    return plan
+
+
+def _selective_checkpoint_context():
+    """Op-level selective checkpointing: keep the outputs of matmuls, attention and
+    collectives, recompute the elementwise ops between them (RMSNorm, RoPE, SwiGLU).
+    Those intermediates are most of a block's activation memory while their
+    recompute costs almost no FLOPs and no communication."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"]
+    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    c10d = getattr(torch.ops, "_c10d_functional", None)
+    if c10d is not None:
+        save |= {getattr(c10d, n).default for n in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor")
+                 if hasattr(c10d, n)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def parallelize_llama(
+    model: Llama,
+    gangs: Gangs,
+    *,
+    data_parallelism: DataParallelism = "fsdp",
+    activation_checkpointing: ActivationCheckpointing = "none",
+    compile: bool = False,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    loss_parallel: bool = False,
+) -> Llama:
+    """Apply TP, activation checkpointing, compile and FSDP2/DDP to `model` in place
+    (see the module doc) and return it. Build `model` on the meta device.
+
+    FSDP is applied only when the dp gang has more than one process; its
+    `MixedPrecisionPolicy(param_dtype, reduce_dtype)` computes in `param_dtype`
+    (None: the parameters' dtype) and reduces gradients in `reduce_dtype`. DDP
+    ignores `param_dtype` (use autocast). `activation_checkpointing`: "full"
+    recomputes each whole block in backward; "selective" recomputes only its
+    elementwise ops (see `_selective_checkpoint_context`).
+    """
+    tp_size, dp_size = gangs.tp.size, gangs.dp.size
+    check_parallel_layout(
+        model.config, tensor_parallel_size=tp_size, data_parallelism=data_parallelism,
+        activation_checkpointing=activation_checkpointing,
+    )
+    layers = list(model.model.layers)
+
+    if tp_size > 1:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        parallelize_module(model, gangs.tp_mesh, llama_tp_plan(model, loss_parallel=loss_parallel))
+        # parallelize_module distributes lm_head's and embed_tokens' weight separately;
+        # both are Shard(0) of the same [vocab, dim] matrix, so tying them again is exact.
+        model.tie_weights()
+        for layer in layers:
+            # The projections now produce this rank's heads only; the model reshapes
+            # with these counts (their ratio, hence GQA grouping, is unchanged).
+            layer.self_attn.n_heads //= tp_size
+            layer.self_attn.n_kv_heads //= tp_size
+
+    if activation_checkpointing != "none":
+        from torch.distributed._composable import checkpoint
+
+        for layer in layers:
+            if activation_checkpointing == "full":
+                checkpoint(layer)
+            else:
+                checkpoint(layer, context_fn=_selective_checkpoint_context)
+
+    if compile:
+        for layer in layers:
+            layer.compile()
+
+    if dp_size > 1 and data_parallelism == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        for i, layer in enumerate(layers):
+            # The last block's parameters are needed again at once by backward.
+            fully_shard(layer, mesh=gangs.dp_mesh, mp_policy=mp_policy,
+                        reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+        # Root: embed_tokens, norm, lm_head (one unit, so tied weights stay one parameter).
+        fully_shard(model, mesh=gangs.dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    elif dp_size > 1:
+        from torch.distributed._composable.replicate import replicate
+
+        replicate(model, device_mesh=gangs.mesh["dp"], bucket_cap_mb=100)
+    return model
+
+
+# ---------------------------------------------------------------------------------
+# Loading and gathering
+
+
+def _local_view(param: Tensor) -> tuple[Tensor, tuple[slice, ...]]:
+    """(this rank's storage of `param`, the slices of the full tensor it holds)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        return param.to_local(), tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    return param, tuple(slice(0, s) for s in param.shape)
+
+
+def _shape(tensor: Any) -> tuple[int, ...]:
+    return tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(tensor.shape)
+
+
+@torch.no_grad()
+def load_sharded_state_dict(model: nn.Module, tensors: Mapping[str, Any], *, source: str = "checkpoint") -> None:
+    """Copy each parameter's local shard from `tensors` into `model` in place.
+
+    `tensors` maps parameter names to full tensors, or to anything sliceable with a
+    shape, such as safetensors' lazy `safe_open(...).get_slice(name)`: only the slice
+    this rank holds is read. Parameters may be DTensors of any placement (FSDP, TP,
+    both) or plain tensors. A tied lm_head is one parameter and read once (under its
+    first name, `model.embed_tokens.weight`); extra entries in `tensors` are ignored.
+    """
+    for name, param in model.named_parameters():
+        if name not in tensors:
+            raise CheckpointError(f"tensor {name!r} is missing from {source}")
+        full = tensors[name]
+        if _shape(full) != tuple(param.shape):
+            raise CheckpointError(
+                f"tensor {name!r} in {source} has shape {list(_shape(full))}, the model expects {list(param.shape)}"
+            )
+        local, slices = _local_view(param)
+        if local.numel():
+            local.copy_(full[slices])
+
+
+def _is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@torch.no_grad()
+def iter_full_state_dict(
+    model: nn.Module, *, rank0_only: bool = True, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield `(name, full tensor on CPU)` for each entry of `model.state_dict()`,
+    gathering one DTensor at a time, so no rank holds more than one gathered tensor.
+
+    Every rank must iterate to the end (each gather is a collective); with
+    `rank0_only` the other ranks yield nothing. `dtype` casts floating tensors
+    before the copy to CPU (e.g. bfloat16 for export).
+    """
+    from torch.distributed.tensor import DTensor
+
+    emit = _is_main_process() or not rank0_only
+    for name, tensor in model.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if not emit:
+            del full
+            continue
+        if dtype is not None and full.is_floating_point():
+            full = full.to(dtype)
+        # clone: a plain parameter's CPU tensor would otherwise alias the live weight.
+        yield name, full.detach().to("cpu", copy=True)
+        del full
+
+
+__all__ = [
+    "check_parallel_layout", "iter_full_state_dict", "llama_tp_plan", "load_sharded_state_dict", "parallelize_llama",
+]
