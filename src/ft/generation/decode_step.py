@@ -1,0 +1,104 @@
+"""`DecodeStep`: one decoding step (one new token per row) of a model against a
+`StaticKVCache`, run eagerly, compiled, and/or replayed from a CUDA graph.
+
+A step of a small model at a small batch is dominated by kernel launches (a 1B
+Llama issues hundreds per token); replaying a captured CUDA graph removes that
+overhead, and `torch.compile` additionally fuses the elementwise work. Both need
+the fixed shapes the static cache provides. Whatever fails (capture, compile)
+falls back to the next simpler path with a warning; `path` says which one runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from ft.generation.cache import StaticKVCache
+from ft.models.llama.model import Llama
+
+log = logging.getLogger("ft")
+
+_WARMUP_STEPS = 3
+
+
+class DecodeStep:
+    """`logits_BV = step(tokens_B1, positions_B1)`: the model's logits for the next token
+    after feeding one token per row; the cache's slot advances by one.
+
+    The returned tensor of the graph path is a static buffer that the next call
+    overwrites: consume it (sample from it) before stepping again.
+    """
+
+    def __init__(self, model: Llama, cache: StaticKVCache, *, cuda_graph: bool, compile: bool) -> None:
+        self.model = model
+        self.cache = cache
+        is_cuda = cache.valid_BS.is_cuda
+        self.want_graph = cuda_graph and is_cuda
+        self.forward = self._eager_forward
+        self.path = "eager"
+        if compile:
+            try:
+                self.forward = torch.compile(self._eager_forward, dynamic=False, fullgraph=False)
+                self.path = "compile"
+            except Exception as error:  # e.g. no compiler toolchain for this platform
+                log.warning("torch.compile of the decode step failed, decoding eagerly: %s", error)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._tokens_B1: Tensor | None = None
+        self._positions_B1: Tensor | None = None
+        self._logits_BV: Tensor | None = None
+
+    def _eager_forward(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
+        return self.model(tokens_B1, positions_BT=positions_B1, kv_cache=self.cache)[:, -1]
+
+    def __call__(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
+        if self.want_graph and self.graph is None:
+            self._capture(tokens_B1, positions_B1)
+        if self.graph is not None:
+            assert self._tokens_B1 is not None and self._positions_B1 is not None and self._logits_BV is not None
+            self._tokens_B1.copy_(tokens_B1)
+            self._positions_B1.copy_(positions_B1)
+            self.graph.replay()
+            return self._logits_BV
+        return self._run_with_fallback(tokens_B1, positions_B1)
+
+    def _run_with_fallback(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
+        if self.forward is self._eager_forward:
+            return self.forward(tokens_B1, positions_B1)
+        slot = self.cache.slot.clone()
+        try:
+            return self.forward(tokens_B1, positions_B1)
+        except Exception as error:
+            log.warning("the compiled decode step failed, decoding eagerly: %s", error)
+            self.cache.slot.copy_(slot)
+            self.forward, self.path = self._eager_forward, "eager"
+            return self.forward(tokens_B1, positions_B1)
+
+    def _capture(self, tokens_B1: Tensor, positions_B1: Tensor) -> None:
+        """Warm up on a side stream, then capture one step into a CUDA graph.
+
+        Warm-up steps write keys at the current slot, which the real step overwrites
+        next, and the slot is put back after each, so the cache is left as it was.
+        """
+        self.want_graph = False  # one attempt only
+        self._tokens_B1, self._positions_B1 = tokens_B1.clone(), positions_B1.clone()
+        slot = self.cache.slot.clone()
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(_WARMUP_STEPS):
+                    self._run_with_fallback(self._tokens_B1, self._positions_B1)
+                    self.cache.slot.copy_(slot)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._logits_BV = self.forward(self._tokens_B1, self._positions_B1)
+            self.graph = graph
+            self.path = f"{self.path}+cuda_graph"
+        except Exception as error:
+            log.warning("capturing the decode step as a CUDA graph failed, running it without: %s", error)
+            self.graph = None
+        finally:
+            self.cache.slot.copy_(slot)

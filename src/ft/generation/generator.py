@@ -1,0 +1,276 @@
+"""Batched generation with a preallocated KV cache: `GeneratorConfig`, `Generation`
+and `generate(model, tokenizer, prompts, config)`.
+
+Prompts are sorted by length (longest first, so an out-of-memory shows at once and
+each batch holds similar lengths), left-padded to the batch's longest prompt and
+prefilled in one forward; then one token per row per step, each row stopping on
+any stop id or after `max_gen_len` tokens. One `StaticKVCache` sized for the
+longest prompt serves every batch (a short last batch is padded with dummy rows),
+so on CUDA the decode step is captured once as a graph and replayed.
+
+Results come back in the prompts' order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ft.errors import ConfigError, DataError
+from ft.generation.beam_search import beam_search
+from ft.generation.cache import StaticKVCache
+from ft.generation.decode_step import DecodeStep
+from ft.generation.sampling import TokenSampler
+from ft.models.llama.model import Llama
+
+log = logging.getLogger("ft")
+
+# How often (in steps) the decode loop checks on the host whether every row is done:
+# each check is a device synchronisation, which would stall the GPU every step.
+SYNC_EVERY_N_STEPS = 16
+
+
+@dataclass(kw_only=True)
+class GeneratorConfig:
+    """How `generate` decodes (the `generator_config.*` keys of `ft lm generate`)."""
+
+    max_gen_len: int = 256
+    """Most tokens generated per prompt (the stop token included)."""
+    temperature: float = 0.6
+    """Sampling temperature; 0 means greedy."""
+    top_p: float = 0.9
+    """Nucleus sampling: keep the most likely tokens up to this much probability (1.0: off)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: off)."""
+    greedy: bool = False
+    """Always take the most likely token (ignores temperature, top_p, top_k)."""
+    beam_size: int = 1
+    """Beam search with this many beams when > 1 (deterministic; sampling keys unused)."""
+    length_penalty: float = 1.0
+    """Beam search ranks hypotheses by sum of log-probs / length ** length_penalty."""
+    batch_size: int = 16
+    """Prompts decoded together (beam search holds batch_size * beam_size rows)."""
+    seed: int = 2
+    """Seed of the sampling generator."""
+    echo_prompt: bool = False
+    """Prefix each response text with its prompt text."""
+    cuda_graphs: bool = True
+    """On CUDA, replay the decode step from a captured CUDA graph."""
+    compile: bool = False
+    """torch.compile the decode step (slow to start; pays off on long runs)."""
+
+    def validate(self) -> None:
+        checks = [
+            ("max_gen_len", self.max_gen_len >= 1, "at least 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0 means greedy)"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
+            ("beam_size", self.beam_size >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"config key 'generator_config.{key}' must be {expected}, got {getattr(self, key)!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+@dataclass
+class Generation:
+    """One prompt's output."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]
+    """Generated ids; the last is the stop id when finish_reason is "stop"."""
+    logprobs: list[float]
+    """Log-probability of each generated token under the model (temperature 1, unfiltered)."""
+    score: float
+    """Sum of `logprobs`; for beam search, the length-normalized beam score."""
+    finish_reason: str
+    """"stop" (a stop id was generated) or "length" (max_gen_len reached)."""
+    text: str
+    """The decoded response (without the stop token; after the prompt text when echo_prompt)."""
+
+
+ProgressCallback = Callable[[int, int], None]  # (prompts finished, tokens generated) since the last call
+
+
+@dataclass
+class GenerateStats:
+    """Filled in by `generate(..., stats=...)`: what ran, for logs and benchmarks."""
+
+    decode_path: str = ""
+    """How the decode step ran: "eager", "compile", "eager+cuda_graph", "compile+cuda_graph"."""
+    num_prompts: int = 0
+    num_generated_tokens: int = 0
+
+
+@torch.inference_mode()
+def generate(
+    model: Llama,
+    tokenizer,
+    prompts: Sequence[Sequence[int] | str],
+    config: GeneratorConfig,
+    *,
+    stop_ids: Sequence[int] | None = None,
+    progress: ProgressCallback | None = None,
+    stats: GenerateStats | None = None,
+) -> list[Generation]:
+    """Responses to `prompts` (token ids, or text encoded with `tokenizer.encode_prompt`),
+    in the same order. `stop_ids` defaults to `tokenizer.stop_ids`; pass `()` to always
+    generate `max_gen_len` tokens (benchmarks). `progress` is called as work completes.
+    """
+    config.validate()
+    prompt_ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise DataError(f"prompt {i} has no tokens; every prompt needs at least one (e.g. BOS)")
+    if not prompt_ids:
+        return []
+    stops = list(tokenizer.stop_ids if stop_ids is None else stop_ids)
+    device = model.model.embed_tokens.weight.device
+
+    beam = config.beam_size if config.beam_size > 1 else 1
+    prompts_per_batch = min(config.batch_size, len(prompt_ids))
+    max_prompt_len = max(len(ids) for ids in prompt_ids)
+    max_len = max_prompt_len + config.max_gen_len
+    if max_len > model.config.max_seq_len:
+        log.warning(
+            "prompts of up to %d tokens + max_gen_len=%d exceed the model's max_seq_len=%d; positions beyond it were never trained",
+            max_prompt_len, config.max_gen_len, model.config.max_seq_len,
+        )
+    cache = StaticKVCache(model, batch_size=prompts_per_batch * beam, max_len=max_len)
+    step = DecodeStep(model, cache, cuda_graph=config.cuda_graphs, compile=config.compile)
+    sampler = TokenSampler(
+        greedy=config.is_greedy, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+        seed=config.seed, device=device,
+    )
+
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    results: list[Generation | None] = [None] * len(prompt_ids)
+    for start in range(0, len(order), prompts_per_batch):
+        batch_index = order[start : start + prompts_per_batch]
+        batch_prompts = [prompt_ids[i] for i in batch_index]
+        if beam > 1:
+            outputs = _beam_batch(model, cache, step, batch_prompts, config, set(stops), progress)
+        else:
+            outputs = _sampling_batch(model, cache, step, sampler, batch_prompts, config, stops, progress)
+        for i, (tokens, logprobs, score, reason) in zip(batch_index, outputs):
+            body = tokens[:-1] if reason == "stop" else tokens
+            text = tokenizer.decode(prompt_ids[i] + body if config.echo_prompt else body)
+            results[i] = Generation(prompt_ids[i], tokens, logprobs, score, reason, text)
+    log.debug("decode step ran as: %s", step.path)
+    generations = [r for r in results if r is not None]
+    if stats is not None:
+        stats.decode_path = step.path
+        stats.num_prompts = len(generations)
+        stats.num_generated_tokens = sum(len(g.tokens) for g in generations)
+    return generations
+
+
+def _prefill(model: Llama, cache: StaticKVCache, prompts: list[list[int]], rows_per_prompt: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-pad `prompts` (each repeated `rows_per_prompt` times, then dummy rows up to the
+    cache's batch size), run them through the model into the cache.
+
+    Returns the last position's logits [R, V], the next position [R, 1] and which rows
+    are real [R].
+    """
+    device = cache.valid_BS.device
+    R = cache.batch_size
+    T0 = max(len(p) for p in prompts)
+    tokens_RT = torch.zeros(R, T0, dtype=torch.long)
+    mask_RT = torch.zeros(R, T0, dtype=torch.bool)
+    real_R = torch.zeros(R, dtype=torch.bool)
+    for p, ids in enumerate(prompts):
+        for r in range(p * rows_per_prompt, (p + 1) * rows_per_prompt):
+            tokens_RT[r, T0 - len(ids) :] = torch.tensor(ids)
+            mask_RT[r, T0 - len(ids) :] = True
+            real_R[r] = True
+    tokens_RT, mask_RT, real_R = tokens_RT.to(device), mask_RT.to(device), real_R.to(device)
+    cache.reset(mask_RT)
+    positions_RT = (mask_RT.long().cumsum(-1) - 1).clamp(min=0)
+    hidden_RTD = model(tokens_RT, positions_BT=positions_RT, kv_cache=cache, return_hidden=True)
+    logits_RV = model.lm_head(hidden_RTD[:, -1])
+    return logits_RV, positions_RT[:, -1:] + 1, real_R
+
+
+def _sampling_batch(
+    model: Llama,
+    cache: StaticKVCache,
+    step: DecodeStep,
+    sampler: TokenSampler,
+    prompts: list[list[int]],
+    config: GeneratorConfig,
+    stop_ids: list[int],
+    progress: ProgressCallback | None,
+) -> list[tuple[list[int], list[float], float, str]]:
+    logits_BV, positions_B1, real_B = _prefill(model, cache, prompts, 1)
+    device = logits_BV.device
+    B, L = cache.batch_size, config.max_gen_len
+    stop_S = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    tokens_BL = torch.zeros(B, L, dtype=torch.long, device=device)
+    logprobs_BL = torch.zeros(B, L, dtype=torch.float32, device=device)
+    done_B = ~real_B
+    lengths_B = torch.zeros(B, dtype=torch.long, device=device)
+    reported_tokens = 0
+    for t in range(L):
+        next_B = sampler(logits_BV)
+        logprob_B = torch.log_softmax(logits_BV.float(), dim=-1).gather(1, next_B[:, None]).squeeze(1)
+        active_B = ~done_B
+        next_B = next_B.masked_fill(done_B, 0)
+        tokens_BL[:, t] = next_B
+        logprobs_BL[:, t] = logprob_B.masked_fill(done_B, 0.0)
+        lengths_B += active_B
+        done_B = done_B | torch.isin(next_B, stop_S)
+        if t + 1 == L:
+            break
+        if (t + 1) % SYNC_EVERY_N_STEPS == 0:
+            all_done, num_tokens = torch.stack([done_B.all().long(), lengths_B.sum()]).tolist()
+            if progress is not None:
+                progress(0, num_tokens - reported_tokens)
+            reported_tokens = num_tokens
+            if all_done:
+                break
+        logits_BV = step(next_B[:, None], positions_B1)
+        positions_B1 = positions_B1 + 1
+
+    lengths = lengths_B.tolist()
+    tokens, logprobs = tokens_BL.tolist(), logprobs_BL.tolist()
+    stops = set(stop_ids)
+    outputs = []
+    for b in range(len(prompts)):
+        n = lengths[b]
+        row_tokens, row_logprobs = tokens[b][:n], logprobs[b][:n]
+        reason = "stop" if n and row_tokens[-1] in stops else "length"
+        outputs.append((row_tokens, row_logprobs, math.fsum(row_logprobs), reason))
+    if progress is not None:
+        progress(len(prompts), sum(lengths) - reported_tokens)
+    return outputs
+
+
+def _beam_batch(
+    model: Llama,
+    cache: StaticKVCache,
+    step: DecodeStep,
+    prompts: list[list[int]],
+    config: GeneratorConfig,
+    stop_ids: set[int],
+    progress: ProgressCallback | None,
+) -> list[tuple[list[int], list[float], float, str]]:
+    K = config.beam_size
+    logits_RV, positions_R1, _ = _prefill(model, cache, prompts, K)
+    on_step = (lambda num_tokens: progress(0, num_tokens)) if progress is not None else None
+    best = beam_search(
+        step, cache, logits_RV, positions_R1, num_prompts=len(prompts), beam_size=K,
+        max_gen_len=config.max_gen_len, stop_ids=stop_ids, length_penalty=config.length_penalty, on_step=on_step,
+    )
+    if progress is not None:
+        progress(len(prompts), 0)
+    return [(h.tokens, h.logprobs, h.score, h.finish_reason) for h in best]
