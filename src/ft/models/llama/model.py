@@ -122,37 +122,34 @@ def get_llama_arch(name: str) -> LlamaConfig:
 
 
 def _register_archs() -> None:
+    def arch(name: str, **fields: Any) -> None:
+        register_llama_arch(name, LlamaConfig(**fields))
+
     llama2 = dict(vocab_size=32000, norm_eps=1e-5, rope_theta=10_000.0, max_seq_len=4096, bos_id=1, eos_id=2)
-    register_llama_arch("llama2_7b", LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, **llama2))
-    register_llama_arch("llama2_13b", LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824, **llama2))
+    arch("llama2_7b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, **llama2)
+    arch("llama2_13b", dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824, **llama2)
 
     llama3 = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500_000.0, bos_id=128000, eos_id=128001)
-    register_llama_arch(
-        "llama3_8b", LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, max_seq_len=8192, **llama3)
-    )
+    arch("llama3_8b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, max_seq_len=8192, **llama3)
     scaled = dict(llama3, max_seq_len=131072, rope_scaling=LlamaRopeScaling(factor=8.0))
-    register_llama_arch("llama3_1_8b", LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, **scaled))
-    register_llama_arch("llama3_1_70b", LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **scaled))
+    arch("llama3_1_8b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, **scaled)
+    arch("llama3_1_70b", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **scaled)
     small = dict(scaled, rope_scaling=LlamaRopeScaling(factor=32.0), tie_embeddings=True)
-    register_llama_arch("llama3_2_1b", LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, **small))
-    register_llama_arch("llama3_2_3b", LlamaConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, **small))
+    arch("llama3_2_1b", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, **small)
+    arch("llama3_2_3b", dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, **small)
     # 3.3 exists only as an instruct model; its HF config stops on <|end_of_text|>, <|eom_id|>, <|eot_id|>.
-    register_llama_arch(
-        "llama3_3_70b",
-        LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **dict(scaled, eos_id=[128001, 128008, 128009])),
-    )
+    instruct = dict(scaled, eos_id=[128001, 128008, 128009])
+    arch("llama3_3_70b", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **instruct)
 
-    # Debug sizes for tests: GQA, llama3 scaling, tied and untied.
+    # Debug sizes for tests: GQA, llama3 scaling (a short original context so it matters), tied and untied.
     debug = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=256)
-    register_llama_arch("llama_debug", LlamaConfig(rope_theta=500_000.0, rope_scaling=LlamaRopeScaling(factor=8.0, original_max_position_embeddings=64), **debug))
-    register_llama_arch("llama_debug_tied", LlamaConfig(tie_embeddings=True, **debug))
+    debug_scaling = LlamaRopeScaling(factor=8.0, original_max_position_embeddings=64)
+    arch("llama_debug", rope_theta=500_000.0, rope_scaling=debug_scaling, **debug)
+    arch("llama_debug_tied", tie_embeddings=True, **debug)
     # The embedded default model (ft/assets/default), paired with a 1024-piece SentencePiece tokenizer.
-    register_llama_arch(
-        "ft_tiny",
-        LlamaConfig(
-            vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, tie_embeddings=True,
-            max_seq_len=1024, rope_theta=10_000.0, bos_id=1, eos_id=2,
-        ),
+    arch(
+        "ft_tiny", vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, tie_embeddings=True,
+        max_seq_len=1024, rope_theta=10_000.0, bos_id=1, eos_id=2,
     )
 
 
