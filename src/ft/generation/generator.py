@@ -175,7 +175,7 @@ def generate(
     return generations
 
 
-def _prefill(model: Llama, cache: StaticKVCache, prompts: list[list[int]], rows_per_prompt: int) -> tuple[Tensor, Tensor, Tensor]:
+def prefill(model: Llama, cache: StaticKVCache, prompts: list[list[int]], rows_per_prompt: int) -> tuple[Tensor, Tensor, Tensor]:
     """Left-pad `prompts` (each repeated `rows_per_prompt` times, then dummy rows up to the
     cache's batch size), run them through the model into the cache.
 
@@ -211,7 +211,7 @@ def _sampling_batch(
     stop_ids: list[int],
     progress: ProgressCallback | None,
 ) -> list[tuple[list[int], list[float], float, str]]:
-    logits_BV, positions_B1, real_B = _prefill(model, cache, prompts, 1)
+    logits_BV, positions_B1, real_B = prefill(model, cache, prompts, 1)
     device = logits_BV.device
     B, L = cache.batch_size, config.max_gen_len
     stop_S = torch.tensor(stop_ids, dtype=torch.long, device=device)
@@ -265,7 +265,7 @@ def _beam_batch(
     progress: ProgressCallback | None,
 ) -> list[tuple[list[int], list[float], float, str]]:
     K = config.beam_size
-    logits_RV, positions_R1, _ = _prefill(model, cache, prompts, K)
+    logits_RV, positions_R1, _ = prefill(model, cache, prompts, K)
     on_step = (lambda num_tokens: progress(0, num_tokens)) if progress is not None else None
     best = beam_search(
         step, cache, logits_RV, positions_R1, num_prompts=len(prompts), beam_size=K,
