@@ -91,6 +91,7 @@ class Gangs:
     device: torch.device
     mesh: Any = None  # DeviceMesh | None; Any keeps this importable without distributed mesh support
     replicas: int = 1  # HSDP replica groups inside dp (fsdp_replicas)
+    flat_dp_mesh: Any = None  # HSDP: ("dp_replicate", "dp_shard") flattened to 1-D "dp"
     owns_process_group: bool = False  # teardown destroys the default group only if we made it
 
     @property
@@ -105,6 +106,13 @@ class Gangs:
         if self.replicas > 1:
             return self.mesh["dp_replicate", "dp_shard"]
         return self.mesh["dp"]
+
+    @property
+    def dp_mesh_1d(self) -> Any:
+        """All dp ranks as one 1-D mesh (DDP, and the dp gang's group)."""
+        if self.mesh is None:
+            return None
+        return self.flat_dp_mesh if self.flat_dp_mesh is not None else self.mesh["dp"]
 
     @property
     def tp_mesh(self) -> Any:
@@ -323,18 +331,21 @@ def setup_gangs(
             dev.type, (replicas, dp_size // replicas, tensor_parallel_size),
             mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
         )
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        flat_dp = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     else:
         mesh = init_device_mesh(dev.type, (dp_size, tensor_parallel_size), mesh_dim_names=("dp", "tp"))
+        flat_dp = None
 
-    def gang(dim: str) -> Gang:
-        sub = mesh[dim]
+    def gang(sub) -> Gang:
         return Gang(sub.get_local_rank(), sub.size(), sub.get_group())
 
     root = Gang(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
-    return Gangs(
-        root=root, dp=gang("dp"), tp=gang("tp"), device=dev, mesh=mesh, replicas=replicas, owns_process_group=owns
+    gangs = Gangs(
+        root=root, dp=root, tp=root, device=dev, mesh=mesh, replicas=replicas, flat_dp_mesh=flat_dp,
+        owns_process_group=owns,
     )
+    gangs.dp, gangs.tp = gang(gangs.dp_mesh_1d), gang(gangs.tp_mesh)
+    return gangs
 
 
 def teardown_gangs(gangs: Gangs) -> None:

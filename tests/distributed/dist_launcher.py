@@ -40,9 +40,17 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         _worker, args=(fn, world_size, free_port(), args), nprocs=world_size, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+    while not _join(ctx, max(0.1, deadline - time.monotonic())):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"distributed test {fn.__name__} on {world_size} processes hung for {timeout:.0f} s")
+
+
+def _join(ctx: mp.ProcessContext, timeout: float) -> bool:
+    try:
+        return ctx.join(timeout=timeout)
+    except mp.ProcessRaisedException as e:
+        # The child's traceback is the useful part; spawn's own frames are noise.
+        raise AssertionError(str(e)) from None

@@ -77,8 +77,9 @@ def llama_tp_plan(model: Llama, *, loss_parallel: bool = False) -> dict[str, Any
     replicated input into sharded heads / ffn columns and back with one all-reduce
     in o_proj / down_proj. `lm_head` is column-wise (vocabulary sharded); its logits
     are all-gathered to a plain replicated tensor, unless `loss_parallel`, where
-    they stay a DTensor sharded on the vocabulary (`Shard(-1)`) and the loss must be
-    computed under `torch.distributed.tensor.parallel.loss_parallel()`.
+    they stay a DTensor sharded on the vocabulary (`Shard(-1)`): no rank holds the
+    full logits, and the loss (cross_entropy) and its backward must both run under
+    `torch.distributed.tensor.parallel.loss_parallel()`.
     Tied embeddings work: both layers shard the [vocab, dim] weight on dim 0.
     """
     from torch.distributed.tensor import Replicate, Shard
@@ -190,11 +191,14 @@ def parallelize_llama(
             fully_shard(layer, mesh=gangs.dp_mesh, mp_policy=mp_policy,
                         reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
         # Root: embed_tokens, norm, lm_head (one unit, so tied weights stay one parameter).
-        fully_shard(model, mesh=gangs.dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+        # Never resharded after forward: backward needs it at once, and a trainer that
+        # computes the loss outside forward (chunked cross-entropy through
+        # `model.lm_head.weight`) must find the unsharded weight there.
+        fully_shard(model, mesh=gangs.dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
     elif dp_size > 1:
         from torch.distributed._composable.replicate import replicate
 
-        replicate(model, device_mesh=gangs.mesh["dp"], bucket_cap_mb=100)
+        replicate(model, device_mesh=gangs.dp_mesh_1d, bucket_cap_mb=100)
     return model
 
 
