@@ -9,7 +9,7 @@ and answer scoring.
 from ft.generation.beam_search import Hypothesis, beam_search
 from ft.generation.cache import StaticKVCache
 from ft.generation.decode_step import DecodeStep
-from ft.generation.generator import Generation, GenerateStats, GeneratorConfig, generate, prefill
+from ft.generation.generator import Generation, GenerateStats, Generator, GeneratorConfig, generate, prefill
 from ft.generation.sampling import TokenSampler, filter_logits, greedy_next, sample_next
 from ft.generation.scoring import (
     ScoreSummary,
@@ -24,6 +24,7 @@ __all__ = [
     "DecodeStep",
     "GenerateStats",
     "Generation",
+    "Generator",
     "GeneratorConfig",
     "Hypothesis",
     "ScoreSummary",

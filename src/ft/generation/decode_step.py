@@ -23,6 +23,24 @@ log = logging.getLogger("ft")
 _WARMUP_STEPS = 3
 
 
+def decode_forward(model: Llama, cache: StaticKVCache, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
+    """The model's logits [B, V] after feeding one token per row into `cache`."""
+    return model(tokens_B1, positions_BT=positions_B1, kv_cache=cache)[:, -1]
+
+
+_compiled_decode_forward = None
+
+
+def compiled_decode_forward():
+    """`decode_forward` under torch.compile, made once per process: dynamo guards on
+    shapes and dtypes, not on which model or cache, so later generators of the same
+    shapes reuse the compiled code instead of compiling again."""
+    global _compiled_decode_forward
+    if _compiled_decode_forward is None:
+        _compiled_decode_forward = torch.compile(decode_forward, dynamic=False)
+    return _compiled_decode_forward
+
+
 class DecodeStep:
     """`logits_BV = step(tokens_B1, positions_B1)`: the model's logits for the next token
     after feeding one token per row; the cache's slot advances by one.
@@ -39,18 +57,16 @@ class DecodeStep:
         self.forward = self._eager_forward
         self.path = "eager"
         if compile:
-            try:
-                self.forward = torch.compile(self._eager_forward, dynamic=False, fullgraph=False)
-                self.path = "compile"
-            except Exception as error:  # e.g. no compiler toolchain for this platform
-                log.warning("torch.compile of the decode step failed, decoding eagerly: %s", error)
+            compiled = compiled_decode_forward()
+            self.forward = lambda tokens_B1, positions_B1: compiled(self.model, self.cache, tokens_B1, positions_B1)
+            self.path = "compile"
         self.graph: torch.cuda.CUDAGraph | None = None
         self._tokens_B1: Tensor | None = None
         self._positions_B1: Tensor | None = None
         self._logits_BV: Tensor | None = None
 
     def _eager_forward(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
-        return self.model(tokens_B1, positions_BT=positions_B1, kv_cache=self.cache)[:, -1]
+        return decode_forward(self.model, self.cache, tokens_B1, positions_B1)
 
     def __call__(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
         if self.want_graph and self.graph is None:
@@ -64,12 +80,12 @@ class DecodeStep:
         return self._run_with_fallback(tokens_B1, positions_B1)
 
     def _run_with_fallback(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
-        if self.forward is self._eager_forward:
+        if self.path == "eager":
             return self.forward(tokens_B1, positions_B1)
         slot = self.cache.slot.clone()
         try:
             return self.forward(tokens_B1, positions_B1)
-        except Exception as error:
+        except Exception as error:  # e.g. no compiler toolchain on this machine
             log.warning("the compiled decode step failed, decoding eagerly: %s", error)
             self.cache.slot.copy_(slot)
             self.forward, self.path = self._eager_forward, "eager"

@@ -1,5 +1,5 @@
-"""Batched generation with a preallocated KV cache: `GeneratorConfig`, `Generation`
-and `generate(model, tokenizer, prompts, config)`.
+"""Batched generation with a preallocated KV cache: `GeneratorConfig`, `Generation`,
+`Generator` and `generate(model, tokenizer, prompts, config)`.
 
 Prompts are sorted by length (longest first, so an out-of-memory shows at once and
 each batch holds similar lengths), left-padded to the batch's longest prompt and
@@ -112,7 +112,84 @@ class GenerateStats:
     num_generated_tokens: int = 0
 
 
-@torch.inference_mode()
+class Generator:
+    """A model, tokenizer and config, ready to answer batches of prompts.
+
+    Keeps its KV cache and decode step (with its captured CUDA graph) between calls
+    whose shapes match, so repeated calls (a service, a benchmark) pay the setup once.
+    `generate(...)` is the one-shot form.
+    """
+
+    def __init__(self, model: Llama, tokenizer, config: GeneratorConfig, *, stop_ids: Sequence[int] | None = None) -> None:
+        config.validate()
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.stop_ids = list(tokenizer.stop_ids if stop_ids is None else stop_ids)
+        self.device = model.model.embed_tokens.weight.device
+        self._decoder: tuple[tuple[int, int], StaticKVCache, DecodeStep] | None = None
+
+    def _decoder_for(self, rows: int, max_len: int) -> tuple[StaticKVCache, DecodeStep]:
+        if self._decoder is None or self._decoder[0] != (rows, max_len):
+            self._decoder = None  # free the old cache before allocating the new one
+            cache = StaticKVCache(self.model, batch_size=rows, max_len=max_len)
+            step = DecodeStep(self.model, cache, cuda_graph=self.config.cuda_graphs, compile=self.config.compile)
+            self._decoder = ((rows, max_len), cache, step)
+        return self._decoder[1], self._decoder[2]
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompts: Sequence[Sequence[int] | str],
+        *,
+        progress: ProgressCallback | None = None,
+        stats: GenerateStats | None = None,
+    ) -> list[Generation]:
+        config, tokenizer = self.config, self.tokenizer
+        prompt_ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise DataError(f"prompt {i} has no tokens; every prompt needs at least one (e.g. BOS)")
+        if not prompt_ids:
+            return []
+
+        beam = config.beam_size if config.beam_size > 1 else 1
+        prompts_per_batch = min(config.batch_size, len(prompt_ids))
+        max_prompt_len = max(len(ids) for ids in prompt_ids)
+        max_len = max_prompt_len + config.max_gen_len
+        if max_len > self.model.config.max_seq_len:
+            log.warning(
+                "prompts of up to %d tokens + max_gen_len=%d exceed the model's max_seq_len=%d; "
+                "positions beyond it were never trained",
+                max_prompt_len, config.max_gen_len, self.model.config.max_seq_len,
+            )
+        cache, step = self._decoder_for(prompts_per_batch * beam, max_len)
+        # A fresh sampler per call: the same call with the same seed samples the same tokens.
+        sampler = TokenSampler(
+            greedy=config.is_greedy, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+            seed=config.seed, device=self.device,
+        )
+
+        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+        results: list[Generation | None] = [None] * len(prompt_ids)
+        for start in range(0, len(order), prompts_per_batch):
+            batch_index = order[start : start + prompts_per_batch]
+            batch_prompts = [prompt_ids[i] for i in batch_index]
+            if beam > 1:
+                outputs = _beam_batch(self.model, cache, step, batch_prompts, config, set(self.stop_ids), progress)
+            else:
+                outputs = _sampling_batch(self.model, cache, step, sampler, batch_prompts, config, self.stop_ids, progress)
+            for i, (tokens, logprobs, score, reason) in zip(batch_index, outputs):
+                body = tokens[:-1] if reason == "stop" else tokens
+                text = tokenizer.decode(prompt_ids[i] + body if config.echo_prompt else body)
+                results[i] = Generation(prompt_ids[i], tokens, logprobs, score, reason, text)
+        log.debug("decode step ran as: %s", step.path)
+        generations = [r for r in results if r is not None]
+        if stats is not None:
+            stats.decode_path = step.path
+            stats.num_prompts = len(generations)
+            stats.num_generated_tokens = sum(len(g.tokens) for g in generations)
+        return generations
+
+
 def generate(
     model: Llama,
     tokenizer,
@@ -125,54 +202,11 @@ def generate(
 ) -> list[Generation]:
     """Responses to `prompts` (token ids, or text encoded with `tokenizer.encode_prompt`),
     in the same order. `stop_ids` defaults to `tokenizer.stop_ids`; pass `()` to always
-    generate `max_gen_len` tokens (benchmarks). `progress` is called as work completes.
+    generate `max_gen_len` tokens (benchmarks). `progress(prompts, tokens)` is called as
+    work completes; `stats` is filled in at the end.
     """
-    config.validate()
-    prompt_ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-    for i, ids in enumerate(prompt_ids):
-        if not ids:
-            raise DataError(f"prompt {i} has no tokens; every prompt needs at least one (e.g. BOS)")
-    if not prompt_ids:
-        return []
-    stops = list(tokenizer.stop_ids if stop_ids is None else stop_ids)
-    device = model.model.embed_tokens.weight.device
-
-    beam = config.beam_size if config.beam_size > 1 else 1
-    prompts_per_batch = min(config.batch_size, len(prompt_ids))
-    max_prompt_len = max(len(ids) for ids in prompt_ids)
-    max_len = max_prompt_len + config.max_gen_len
-    if max_len > model.config.max_seq_len:
-        log.warning(
-            "prompts of up to %d tokens + max_gen_len=%d exceed the model's max_seq_len=%d; positions beyond it were never trained",
-            max_prompt_len, config.max_gen_len, model.config.max_seq_len,
-        )
-    cache = StaticKVCache(model, batch_size=prompts_per_batch * beam, max_len=max_len)
-    step = DecodeStep(model, cache, cuda_graph=config.cuda_graphs, compile=config.compile)
-    sampler = TokenSampler(
-        greedy=config.is_greedy, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-        seed=config.seed, device=device,
-    )
-
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    results: list[Generation | None] = [None] * len(prompt_ids)
-    for start in range(0, len(order), prompts_per_batch):
-        batch_index = order[start : start + prompts_per_batch]
-        batch_prompts = [prompt_ids[i] for i in batch_index]
-        if beam > 1:
-            outputs = _beam_batch(model, cache, step, batch_prompts, config, set(stops), progress)
-        else:
-            outputs = _sampling_batch(model, cache, step, sampler, batch_prompts, config, stops, progress)
-        for i, (tokens, logprobs, score, reason) in zip(batch_index, outputs):
-            body = tokens[:-1] if reason == "stop" else tokens
-            text = tokenizer.decode(prompt_ids[i] + body if config.echo_prompt else body)
-            results[i] = Generation(prompt_ids[i], tokens, logprobs, score, reason, text)
-    log.debug("decode step ran as: %s", step.path)
-    generations = [r for r in results if r is not None]
-    if stats is not None:
-        stats.decode_path = step.path
-        stats.num_prompts = len(generations)
-        stats.num_generated_tokens = sum(len(g.tokens) for g in generations)
-    return generations
+    generator = Generator(model, tokenizer, config, stop_ids=stop_ids)
+    return generator(prompts, progress=progress, stats=stats)
 
 
 def prefill(model: Llama, cache: StaticKVCache, prompts: list[list[int]], rows_per_prompt: int) -> tuple[Tensor, Tensor, Tensor]:
