@@ -187,3 +187,17 @@ def test_gsm8k_real_data(tok):
     assert tok.decode(first.tokens[prompt_len:]).endswith("#### 72")
     prompts = read_prompts(GSM8K, tok, split="test")
     assert len(prompts) == 1319 and all(p.reference and "####" in p.reference for p in prompts)
+
+
+def test_tokenizer_chat_errors_name_the_line(write_jsonl, tok, monkeypatch):
+    def strict_chat(messages, add_generation_prompt=False):
+        if any(m["role"] not in ("system", "user", "assistant") for m in messages):
+            raise DataError("chat message 0 has role 'robot'; expected one of system, user, assistant")
+        return type(tok).encode_chat(tok, messages, add_generation_prompt)
+
+    monkeypatch.setattr(tok, "encode_chat", strict_chat)
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    path = write_jsonl("chat.jsonl", [good, {"messages": [{"role": "robot", "content": "a"}]}])
+    with pytest.raises(DataError, match=f"{path}:2: chat message 0 has role 'robot'"):
+        read_examples(path, tok)
+    assert len(read_examples(path, tok, skip_malformed=True)) == 1

@@ -161,6 +161,17 @@ def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
+def _encode_chat(
+    tokenizer: DataTokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
+    # The tokenizer checks what its template accepts (roles, order); its DataError
+    # becomes a RowError so the message gains the file and line of the row.
+    try:
+        return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+    except DataError as err:
+        raise RowError(str(err)) from None
+
+
 def _prompt_and_target(row: dict[str, Any], fmt: str, *, need_target: bool) -> tuple[str, str | None]:
     """Render a non-chat row into (prompt text, target text)."""
     if fmt == "src_tgt":
@@ -183,7 +194,7 @@ def row_to_example(row: dict[str, Any], tokenizer: DataTokenizer, fmt: str | Non
     """Tokenize one training row; loss only on the response / assistant turns."""
     fmt = fmt or detect_format(row)
     if fmt == "chat":
-        ids, mask = tokenizer.encode_chat(_messages(row))
+        ids, mask = _encode_chat(tokenizer, _messages(row))
         if len(ids) != len(mask):
             raise ValueError(f"tokenizer.encode_chat returned {len(ids)} ids but {len(mask)} mask values")
         return Example(list(ids), [bool(m) for m in mask])
@@ -208,7 +219,7 @@ def row_to_prompt(
             messages = messages[:-1]
         if not messages:
             raise RowError("'messages' holds only an assistant turn; there is nothing to prompt with")
-        ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        ids, _ = _encode_chat(tokenizer, messages, add_generation_prompt=True)
         return PromptRow(row_id, tokenizer.decode(ids), list(ids), reference)
     prompt, target = _prompt_and_target(row, fmt, need_target=False)
     return PromptRow(row_id, prompt, tokenizer.encode_prompt(prompt), target)
