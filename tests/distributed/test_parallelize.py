@@ -184,3 +184,25 @@ def test_layout_errors():
         check_parallel_layout(CONFIG, tensor_parallel_size=2, data_parallelism="ddp")
     with pytest.raises(ConfigError, match="activation_checkpointing='some'"):
         check_parallel_layout(CONFIG, tensor_parallel_size=1, activation_checkpointing="some")
+
+
+@pytest.mark.parametrize("activation_checkpointing,compile", [("full", False), ("selective", False), ("selective", True)])
+def test_single_process_compile_and_checkpointing(activation_checkpointing, compile):
+    gangs = setup_gangs(device="cpu", env={})
+    reference = Llama(CONFIG)
+    reference.init_weights(seed=0)
+    model = Llama(CONFIG)
+    model.load_state_dict(reference.state_dict())
+    parallelize_llama(model, gangs, activation_checkpointing=activation_checkpointing, compile=compile)
+    # Composable checkpointing and module.compile() leave parameter names as HF's.
+    assert list(model.state_dict()) == list(reference.state_dict())
+    calls = []
+    # A pre-hook: recomputation stops early, once it has what backward needs.
+    model.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *_: calls.append(1))
+    tokens_BT, labels_BT, positions_BT, document_ids_BT = _batch(CONFIG.vocab_size)
+    for m in (reference, model):
+        _loss_sum(m, "chunked", tokens_BT, labels_BT, positions_BT, document_ids_BT).backward()
+    if not compile:  # inside a compiled block Python hooks are traced, not called
+        assert len(calls) == 2, "the block was not recomputed in backward"
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
