@@ -44,6 +44,17 @@ def test_save_hf_writes_the_files_transformers_reads(saved):
     if tok.family == "llama2":
         assert (out / "tokenizer.model").read_bytes() == tok.path.read_bytes()
         assert json.loads((out / "special_tokens_map.json").read_text())["bos_token"] == "<s>"
+    else:
+        # Meta's HF layout keeps the tiktoken file in original/.
+        assert (out / "original" / "tokenizer.model").read_bytes() == tok.path.read_bytes()
+
+
+def test_saved_directory_loads_back_with_its_family(saved):
+    tok, out = saved
+    again = load_tokenizer(out, family=tok.family)  # the SentencePiece / tiktoken file, not tokenizer.json
+    assert type(again) is type(tok)
+    assert again.use_eot == tok.use_eot  # read from tokenizer_config.json's eos_token
+    assert again.encode_response("ok") == tok.encode_response("ok")
 
 
 def test_transformers_gives_the_same_ids(saved):

@@ -139,3 +139,24 @@ def test_malformed_file_names_the_line(tmp_path):
     path.write_text(f"{good} 0\n{base64.b64encode(b'b').decode()} 5\n")
     with pytest.raises(AssetError, match="ranks must be 0..1"):
         load_tokenizer(path, family="llama3")
+
+
+def test_save_hf_without_tokenizers_package_still_saves_what_it_can(tok, tmp_path, monkeypatch, caplog):
+    import importlib.util
+    import sys
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a, **k: None if name == "tokenizers" else real_find_spec(name, *a, **k)
+    )
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` now fails
+    tok.save_hf(tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists()
+    assert "needs the `tokenizers` package" in caplog.text
+    # The directory still loads in ft, through Meta's file.
+    again = load_tokenizer(tmp_path)
+    assert isinstance(again, Llama3Tokenizer) and again.encode("Hello world") == tok.encode("Hello world")
+    # A tokenizer.json cannot be read at all without the package: a clear error.
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(AssetError, match="needs the `tokenizers` package"):
+        load_tokenizer(tmp_path / "tokenizer.json")

@@ -14,7 +14,8 @@ Families (`tokenizer_family` in a card, or `family=`):
 
 A card may set `use_eot: true` (instruct/chat models): then `encode_response`
 ends a target with the end-of-turn token (`<|eot_id|>`) instead of EOS. Without a
-card the same switch is the `use_eot=` argument of `load_tokenizer`.
+card the switch is the `use_eot=` argument of `load_tokenizer`, else read from a
+`tokenizer_config.json` beside the file (EOS `<|eot_id|>`, as `save_hf` writes it).
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ def load_tokenizer(
         raise AssetError(f"tokenizer {path} does not exist")
     file, guessed = find_tokenizer_file(path, family=family)
     family = family or guessed
-    use_eot = bool(use_eot)
+    if use_eot is None:
+        use_eot = _config_says_eot(file)
     if family == "llama3":
         from ft.tokenizers.llama3 import Llama3Tokenizer
 
@@ -188,6 +190,24 @@ def find_tokenizer_file(path: Path, *, family: str | None = None) -> tuple[Path,
         names = ", ".join(c.name for c in candidates)
         raise AssetError(f"tokenizer directory {path} holds none of: {names}")
     return path, family or guess_family(path)
+
+
+def _config_says_eot(file: Path) -> bool:
+    """True when a tokenizer_config.json beside `file` (or beside its `original/` folder,
+    Meta's HF layout) names <|eot_id|> as EOS: an instruct tokenizer saved by `save_hf`."""
+    import json
+
+    for directory in (file.parent, file.parent.parent):
+        config = directory / "tokenizer_config.json"
+        if config.is_file():
+            try:
+                eos = json.loads(config.read_text()).get("eos_token")
+            except (json.JSONDecodeError, AttributeError):
+                return False
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+            return eos == "<|eot_id|>"
+    return False
 
 
 def _has_tokenizers_package() -> bool:

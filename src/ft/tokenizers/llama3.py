@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib.util
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from ft.errors import AssetError
 from ft.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
 
 PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -143,15 +148,32 @@ class Llama3Tokenizer(Tokenizer):
 
 
     def save_hf(self, out_dir: str | Path) -> None:
-        """tokenizer.json (a byte-level BPE equal to tiktoken) + tokenizer_config.json."""
-        from ft.tokenizers.hf_export import tiktoken_to_hf_tokenizer
+        """tokenizer.json (a byte-level BPE equal to tiktoken), tokenizer_config.json with
+        the chat template, and Meta's file as original/tokenizer.model (the layout of
+        Meta's Hugging Face repos, readable by ft without the `tokenizers` package).
 
+        Without `tokenizers` installed, tokenizer.json is skipped with a warning, so a
+        checkpoint save never fails for want of an optional package."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        hf_tokenizer = tiktoken_to_hf_tokenizer(
-            self.mergeable_ranks, pattern=PATTERN, special_tokens=self.special_tokens, bos_token="<|begin_of_text|>"
-        )
-        hf_tokenizer.save(str(out / "tokenizer.json"))
+        (out / "original").mkdir(parents=True, exist_ok=True)
+        if self.path.resolve() != (out / "original" / "tokenizer.model").resolve():
+            shutil.copyfile(self.path, out / "original" / "tokenizer.model")
+        if importlib.util.find_spec("tokenizers") is None:
+            log.warning(
+                "not writing %s: converting the Llama 3 tokenizer to tokenizer.json needs the "
+                "`tokenizers` package (pip install 'ft[hf]'); transformers cannot read this directory's tokenizer",
+                out / "tokenizer.json",
+            )
+        else:
+            from ft.tokenizers.hf_export import tiktoken_to_hf_tokenizer
+
+            hf_tokenizer = tiktoken_to_hf_tokenizer(
+                self.mergeable_ranks,
+                pattern=PATTERN,
+                special_tokens=self.special_tokens,
+                bos_token="<|begin_of_text|>",
+            )
+            hf_tokenizer.save(str(out / "tokenizer.json"))
         eos_token = "<|eot_id|>" if self.use_eot else "<|end_of_text|>"
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
