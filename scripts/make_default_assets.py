@@ -196,10 +196,18 @@ def train_tokenizer(lines: list[str]) -> bytes:
 
 
 def make_default_model(out_dir: Path) -> None:
-    """Hook for the tiny model's weights (arch `ft_tiny`, vocab 1024, bos 1, eos 2).
+    """The tiny model (arch `ft_tiny`): random init from a fixed seed, saved in the
+    Hugging Face layout (bf16 safetensors + config.json + the tokenizer files), so
+    the default card loads with ft and with transformers alike."""
+    import torch
 
-    Written by the model family's part of this script; nothing here yet.
-    """
+    from ft.models import build_model
+    from ft.models.llama.hf import save_hf_model
+    from ft.tokenizers import load_tokenizer
+
+    model = build_model("ft_tiny", device="cpu", seed=SEED)
+    tokenizer = load_tokenizer(str(out_dir / "tokenizer.model"))
+    save_hf_model(model, out_dir / "model", dtype=torch.bfloat16, tokenizer=tokenizer)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -58,7 +58,7 @@ def _loss_sum(model, loss: str, tokens_BT, labels_BT, positions_BT, document_ids
     kw = dict(positions_BT=positions_BT, document_ids_BT=document_ids_BT)
     if loss == "chunked":
         hidden_BTD = model(tokens_BT, return_hidden=True, **kw)
-        return chunked_cross_entropy_sum(hidden_BTD, model.lm_head.weight, labels_BT, chunk_size=8)
+        return chunked_cross_entropy_sum(hidden_BTD, model.lm_head, labels_BT, chunk_size=8)
     if loss == "loss_parallel":
         logits_BTV = model(tokens_BT, **kw)
         assert isinstance(logits_BTV, DTensor) and logits_BTV.to_local().shape[-1] < logits_BTV.shape[-1]

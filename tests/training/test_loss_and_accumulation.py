@@ -50,7 +50,7 @@ def test_chunked_cross_entropy_matches_full_logits(chunk_size):
     labels = torch.randint(0, CONFIG.vocab_size, (2, 12))
     labels[0, :4] = -100
     hidden = m(tokens, return_hidden=True)
-    chunked = chunked_cross_entropy_sum(hidden, m.lm_head.weight, labels, chunk_size=chunk_size)
+    chunked = chunked_cross_entropy_sum(hidden, m.lm_head, labels, chunk_size=chunk_size)
     chunked.backward()
     g_chunked = grads(m)
     m.zero_grad()
@@ -70,7 +70,7 @@ def test_packed_row_equals_each_document_alone():
     per_token = torch.nn.functional.cross_entropy(
         m.lm_head(hidden)[0], packed.labels_BT[0].clamp(min=0), reduction="none"
     ) * (packed.labels_BT[0] != -100)
-    packed_loss = chunked_cross_entropy_sum(hidden, m.lm_head.weight, packed.labels_BT)
+    packed_loss = chunked_cross_entropy_sum(hidden, m.lm_head, packed.labels_BT)
     packed_loss.backward()
     g_packed = grads(m)
 
@@ -80,7 +80,7 @@ def test_packed_row_equals_each_document_alone():
         if doc < 0:
             continue
         alone = collate(examples, [[int(doc)]], seq_len=len(examples[int(doc)].tokens), num_rows=1, pad_id=0)
-        loss = chunked_cross_entropy_sum(m(alone.tokens_BT, return_hidden=True), m.lm_head.weight, alone.labels_BT)
+        loss = chunked_cross_entropy_sum(m(alone.tokens_BT, return_hidden=True), m.lm_head, alone.labels_BT)
         in_packed = per_token[packed.document_ids_BT[0] == doc].sum()
         torch.testing.assert_close(in_packed, loss.detach(), rtol=1e-5, atol=1e-5)
         total = total + loss

@@ -27,7 +27,7 @@ from ft.gang import Gangs, setup_gangs, teardown_gangs
 from ft.models import build_model, model_flops_per_token
 from ft.models.llama.checkpoint import load_checkpoint
 from ft.models.llama.hf import save_hf_state_dict
-from ft.models.llama.parallelize import iter_full_state_dict, parallelize_llama
+from ft.models.llama.parallelize import check_parallel_layout, iter_full_state_dict, parallelize_llama
 from ft.recipes.cli_support import recipe_command
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig
 from ft.recipes.lm_setup import DTYPES, resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
@@ -92,6 +92,9 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     source = resolve_model_source(config.model, checkpoint_dir=config.resume_checkpoint_dir)
     tokenizer = resolve_tokenizer(config.tokenizer, source)
     model_config = source.config
+    check_parallel_layout(model_config, tensor_parallel_size=config.tensor_parallel_size,
+                          data_parallelism=config.data_parallelism,
+                          activation_checkpointing=config.activation_checkpointing)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens but model {source.description} only {model_config.vocab_size}"
@@ -187,8 +190,9 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     flops_per_token = model_flops_per_token(model_config, config.max_seq_len)
     log.info("model: %s, %s params, MFU peak: %s", source.description,
              f"{sum(p.numel() for p in model.parameters()):,}", peak_source)
-    autocast = (torch.autocast(device.type, dtype=dtype) if mixed and gangs.dp.size == 1
-                else contextlib.nullcontext())
+    # FSDP casts parameters itself (MixedPrecisionPolicy); one process and DDP need autocast.
+    fsdp = gangs.dp.size > 1 and config.data_parallelism == "fsdp"
+    autocast = torch.autocast(device.type, dtype=dtype) if mixed and not fsdp else contextlib.nullcontext()
     stop = _StopSignal()
     stats = StepStats(loss_sum=torch.zeros((), device=device))
     saved_step = step if resume_step is not None else None
@@ -202,6 +206,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
                 break
             accumulate_gradients(model, batches, gangs=gangs, autocast=autocast, scaler=scaler,
                                  loss_chunk_size=config.loss_chunk_size, stats=stats)
+            lr = optimizer.param_groups[0]["lr"]
             scaler.unscale_(optimizer)
             grad_norm = _clip_grad_norm(model, config.max_grad_norm)
             scaler.step(optimizer)
@@ -213,7 +218,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             progress.advance(step)
             if step % config.publish_metrics_every_n_steps == 0 or step == config.max_num_steps:
                 stats.grad_norm = float(grad_norm)
-                values = _publish(stats, gangs, optimizer, peak_tflops, flops_per_token, reader.epoch)
+                values = _publish(stats, gangs, lr, peak_tflops, flops_per_token, reader.epoch)
                 if recorders is not None:
                     recorders.record("train", step, values)
                     progress.log(f"step {step} " + format_metrics(values))
@@ -255,7 +260,7 @@ def accumulate_gradients(model, batches, *, gangs: Gangs, autocast, scaler, loss
         with autocast:
             hidden = model(batch.tokens_BT, positions_BT=batch.positions_BT,
                            document_ids_BT=batch.document_ids_BT, return_hidden=True)
-            loss_sum = chunked_cross_entropy_sum(hidden, model.lm_head.weight, batch.labels_BT,
+            loss_sum = chunked_cross_entropy_sum(hidden, model.lm_head, batch.labels_BT,
                                                  chunk_size=loss_chunk_size)
         scaler.scale(loss_sum * norm).backward()
         stats.loss_sum += loss_sum.detach()
@@ -277,7 +282,7 @@ def validate(model, examples, config, gangs: Gangs, autocast, pad_id: int) -> di
             batch = batch.to(gangs.device)
             hidden = model(batch.tokens_BT, positions_BT=batch.positions_BT, document_ids_BT=batch.document_ids_BT,
                            return_hidden=True)
-            loss_sum += chunked_cross_entropy_sum(hidden, model.lm_head.weight, batch.labels_BT,
+            loss_sum += chunked_cross_entropy_sum(hidden, model.lm_head, batch.labels_BT,
                                                   chunk_size=config.loss_chunk_size)
             targets += batch.num_target_tokens
     gangs.dp.all_reduce(loss_sum)
@@ -297,7 +302,7 @@ def _clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Ten
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def _publish(stats: StepStats, gangs: Gangs, optimizer, peak_tflops, flops_per_token: int, epoch: int) -> dict[str, Any]:
+def _publish(stats: StepStats, gangs: Gangs, lr: float, peak_tflops, flops_per_token: int, epoch: int) -> dict[str, Any]:
     elapsed = time.perf_counter() - stats.start
     sums = torch.tensor([float(stats.loss_sum), stats.targets, stats.tokens, stats.computed_tokens, stats.examples],
                         dtype=torch.float64, device=gangs.device)
@@ -305,7 +310,7 @@ def _publish(stats: StepStats, gangs: Gangs, optimizer, peak_tflops, flops_per_t
     loss_sum, targets, tokens, computed, examples = sums.tolist()
     values: dict[str, Any] = {
         "loss": loss_sum / max(targets, 1.0),
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,
         "grad_norm": stats.grad_norm,
         "target_tokens_per_s": targets / elapsed,
         "tokens_per_s": tokens / elapsed,

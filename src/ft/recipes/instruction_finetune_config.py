@@ -57,7 +57,7 @@ class InstructionFinetuneConfig:
     """The learning rate at the last step, as a fraction of `learning_rate`."""
 
     # Memory and speed.
-    activation_checkpointing: Literal["none", "full", "selective"] | bool = "none"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
     torch_compile: bool = False
     loss_chunk_size: int = 1024
     """Tokens per chunk of the cross-entropy, so full-vocabulary fp32 logits never exist at once."""

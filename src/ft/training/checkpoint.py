@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +35,9 @@ from torch.distributed.checkpoint.state_dict import (
 from ft.errors import CheckpointError
 
 log = logging.getLogger("ft")
+
+# One process saving without a process group is the intended single-GPU/CPU case.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_SUBDIR = "trainer"

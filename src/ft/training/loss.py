@@ -1,6 +1,7 @@
 """Cross-entropy summed over target tokens, without full-vocabulary fp32 logits.
 
-Only positions with a label (not -100) go through the output projection, in
+Only positions with a label (not -100) go through the output projection (the
+model's `lm_head` module, so tensor-parallel hooks gather each chunk's logits), in
 chunks of `chunk_size` tokens, so at most chunk_size x vocab logits exist at
 once. The sum (not the mean) is returned: the trainer divides by the target
 tokens of the whole optimizer step, across accumulation steps and ranks.
@@ -10,20 +11,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
 
-def _chunk_loss(hidden_CD: torch.Tensor, weight_VD: torch.Tensor, labels_C: torch.Tensor) -> torch.Tensor:
-    logits_CV = hidden_CD @ weight_VD.t()
+def _chunk_loss(hidden_CD: torch.Tensor, output: nn.Module, labels_C: torch.Tensor) -> torch.Tensor:
+    logits_CV = output(hidden_CD)
     return F.cross_entropy(logits_CV.float(), labels_C, reduction="sum")
 
 
 def chunked_cross_entropy_sum(
     hidden_BTD: torch.Tensor,
-    output_weight_VD: torch.Tensor,
+    output: nn.Module,
     labels_BT: torch.Tensor,
     *,
     chunk_size: int = 1024,
@@ -38,7 +40,7 @@ def chunked_cross_entropy_sum(
         total = total + checkpoint(
             _chunk_loss,
             hidden_ND[start : start + chunk_size],
-            output_weight_VD,
+            output,
             labels_N[start : start + chunk_size],
             use_reentrant=False,
         )

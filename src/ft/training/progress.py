@@ -41,7 +41,7 @@ class TrainingProgress:
     def log(self, line: str) -> None:
         """A metric line: printed above the bar, and written to the run's log files."""
         if self.enabled:
-            self.progress.console.print(line, markup=False, highlight=False)
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
         # The file handlers get it too; keep it off the console a second time.
         for handler in logging.getLogger("ft").handlers:
             handler.handle(log.makeRecord("ft", logging.INFO, __file__, 0, line, None, None))
