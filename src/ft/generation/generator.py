@@ -161,7 +161,9 @@ class Generator:
                 "positions beyond it were never trained",
                 max_prompt_len, config.max_gen_len, self.model.config.max_seq_len,
             )
-        cache, step = self._decoder_for(prompts_per_batch * beam, max_len)
+        # A multiple of 16 slots: the memory-efficient attention kernel wants the mask's
+        # last dimension aligned (SDPA would otherwise pad the mask on every call).
+        cache, step = self._decoder_for(prompts_per_batch * beam, -(-max_len // 16) * 16)
         # A fresh sampler per call: the same call with the same seed samples the same tokens.
         sampler = TokenSampler(
             greedy=config.is_greedy, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,

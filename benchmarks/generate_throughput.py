@@ -1,0 +1,225 @@
+"""Generation throughput (tokens/s): ft's generator against transformers' `generate`
+(default dynamic cache, and `cache_implementation="static"`) on the same random
+weights, in one process.
+
+    python benchmarks/generate_throughput.py --out gen_throughput.json            # GPU: llama3_2_1b, bf16
+    python benchmarks/generate_throughput.py --device cpu --tiny --batch-sizes 1 2 \\
+        --prompt-len 8 --new-tokens 8                                             # CPU smoke test
+
+Every configuration decodes exactly `--new-tokens` tokens per row (no stop tokens;
+transformers gets `min_new_tokens`), greedily, from random `--prompt-len`-token
+prompts. The time is wall clock for the whole call (prefill included) after one
+untimed warm-up call (compilation, CUDA graph capture), best of `--repeats`.
+ft runs in each of `--ft-modes`: "eager", "cuda_graph" (decode step replayed from
+a CUDA graph) and "compile" (torch.compile'd decode step inside the CUDA graph);
+the JSON says which path actually ran (a failed compile or capture falls back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ft.generation import GenerateStats, Generator, GeneratorConfig
+from ft.models import build_model
+from ft.models.llama.hf import hf_config_dict
+
+
+class _NoTextTokenizer:
+    """Generation needs a tokenizer only to decode text; benchmarks skip that."""
+
+    stop_ids: list[int] = []
+
+    def decode(self, ids) -> str:
+        return ""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="the llama_debug arch instead of llama3_2_1b")
+    parser.add_argument("--arch", default=None, help="any ft arch name (default: llama3_2_1b, or llama_debug with --tiny)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default: bfloat16 on CUDA, else float32")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per configuration (the best counts)")
+    parser.add_argument("--ft-modes", nargs="+", default=None, choices=["eager", "cuda_graph", "compile"],
+                        help="default: cuda_graph and compile on CUDA, eager elsewhere")
+    parser.add_argument("--hf-caches", nargs="*", default=["dynamic", "static"], choices=["dynamic", "static"],
+                        help="transformers cache implementations to compare against (none: skip transformers)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    return parser.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_best(fn: Callable[[], Any], *, repeats: int, device: torch.device) -> tuple[float, Any]:
+    fn()  # warm-up: compilation, graph capture, allocator
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_ft(model, prompts_BT: torch.Tensor, mode: str, args, device) -> dict[str, Any]:
+    B = prompts_BT.shape[0]
+    config = GeneratorConfig(
+        greedy=True, max_gen_len=args.new_tokens, batch_size=B,
+        cuda_graphs=mode in ("cuda_graph", "compile"), compile=mode == "compile",
+    )
+    generator = Generator(model, _NoTextTokenizer(), config, stop_ids=())
+    prompts = prompts_BT.tolist()
+    stats = GenerateStats()
+    seconds, outputs = _time_best(lambda: generator(prompts, stats=stats), repeats=args.repeats, device=device)
+    num_tokens = sum(len(o.tokens) for o in outputs)
+    assert num_tokens == B * args.new_tokens, f"ft generated {num_tokens} tokens, expected {B * args.new_tokens}"
+    result = {
+        "impl": "ft", "mode": mode, "decode_path": stats.decode_path, "batch_size": B, "seconds": seconds,
+        "tokens_per_s": num_tokens / seconds, "first_tokens": [o.tokens[:8] for o in outputs[:2]],
+    }
+    del generator, outputs
+    _free(device)
+    return result
+
+
+def build_hf_model(model, dtype: torch.dtype, device: torch.device):
+    import transformers
+
+    hf_config = transformers.LlamaConfig(**hf_config_dict(model.config, dtype=dtype))
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM(hf_config)
+    hf.to(dtype).eval()
+    hf.load_state_dict(model.state_dict(), strict=True)  # same parameter names: the same weights
+    return hf
+
+
+def bench_hf(hf, prompts_BT: torch.Tensor, cache: str, args, device) -> dict[str, Any]:
+    B = prompts_BT.shape[0]
+    input_ids = prompts_BT.to(device)
+    kwargs: dict[str, Any] = dict(
+        attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens, pad_token_id=0, num_beams=1, temperature=None, top_p=None, top_k=None,
+    )
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+
+    def run():
+        with torch.inference_mode():
+            return hf.generate(input_ids, **kwargs)
+
+    seconds, out = _time_best(run, repeats=args.repeats, device=device)
+    new = out[:, input_ids.shape[1] :]
+    assert new.shape == (B, args.new_tokens), f"transformers generated {tuple(new.shape)}"
+    result = {
+        "impl": "transformers", "mode": f"{cache}_cache", "batch_size": B, "seconds": seconds,
+        "tokens_per_s": B * args.new_tokens / seconds, "first_tokens": new[:2, :8].tolist(),
+    }
+    del out
+    _free(device)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    arch = args.arch or ("llama_debug" if args.tiny else "llama3_2_1b")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    modes = args.ft_modes or (["cuda_graph", "compile"] if device.type == "cuda" else ["eager"])
+
+    model = build_model(arch, device=device, dtype=dtype, seed=args.seed).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = {
+        B: torch.randint(0, model.config.vocab_size, (B, args.prompt_len), generator=gen) for B in args.batch_sizes
+    }
+    results = []
+    for B in args.batch_sizes:
+        for mode in modes:
+            results.append(bench_ft(model, prompts[B], mode, args, device))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+
+    errors = {}
+    if args.hf_caches:
+        try:
+            hf = build_hf_model(model, dtype, device)
+        except Exception as error:  # transformers missing or incompatible: still report ft's numbers
+            errors["transformers"] = f"{type(error).__name__}: {error}"
+            hf = None
+        if hf is not None:
+            for B in args.batch_sizes:
+                for cache in args.hf_caches:
+                    try:
+                        results.append(bench_hf(hf, prompts[B], cache, args, device))
+                        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+                    except Exception as error:
+                        errors[f"transformers {cache} cache, batch {B}"] = f"{type(error).__name__}: {error}"
+
+    summary = {}
+    for B in args.batch_sizes:
+        row = {f"{r['impl']}/{r['mode']}": round(r["tokens_per_s"], 1) for r in results if r["batch_size"] == B}
+        best_ft = max((v for k, v in row.items() if k.startswith("ft/")), default=None)
+        for base in ("transformers/static_cache", "transformers/dynamic_cache"):
+            if best_ft is not None and row.get(base):
+                row[f"best ft / {base}"] = round(best_ft / row[base], 2)
+        # Same weights, same greedy rule: the first tokens should agree (bf16 rounding may
+        # let long continuations drift apart, so only the first 8 of 2 rows are compared).
+        firsts = {f"{r['impl']}/{r['mode']}": r["first_tokens"] for r in results if r["batch_size"] == B}
+        if "transformers/dynamic_cache" in firsts:
+            reference = firsts["transformers/dynamic_cache"]
+            row["first_tokens_agree"] = {k: v == reference for k, v in firsts.items() if k.startswith("ft/")}
+        summary[f"batch_{B}"] = row
+
+    report = {
+        "benchmark": "generate_throughput",
+        "arch": arch,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version(), "python": platform.python_version()},
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "summary_tokens_per_s": summary,
+        "results": results,
+        "errors": errors,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def _transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
