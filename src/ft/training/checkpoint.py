@@ -37,7 +37,7 @@ from ft.errors import CheckpointError
 log = logging.getLogger("ft")
 
 # One process saving without a process group is the intended single-GPU/CPU case.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")  # save and load
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_SUBDIR = "trainer"
