@@ -1,4 +1,4 @@
-"""Fixtures for the generation tests: a tiny random Llama (ft and HF), a small BPE
+"""Helpers for the generation tests: a tiny random Llama (ft and HF), a small BPE
 tokenizer.json, and a directory holding both (a checkpoint `ft lm generate` loads)."""
 
 from __future__ import annotations
@@ -71,16 +71,20 @@ def write_bpe_tokenizer(directory: Path) -> Path:
     return directory / "tokenizer.json"
 
 
-@pytest.fixture
-def id_tokenizer() -> IdTokenizer:
-    return IdTokenizer()
+def make_run_dir(root: Path, *, step: int = 3) -> Path:
+    """ROOT/run/checkpoints/step_N holding a random HF Llama and its BPE tokenizer, as
+    training writes it; returns ROOT/run. The vocabulary is padded to a multiple of 64
+    (as real models do), so tensor parallel sizes up to 64 divide it."""
+    transformers = pytest.importorskip("transformers")
+    from ft.tokenizers import load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine are ~1000x slower with 2 intra-op
-    # threads contending than with one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    step_dir = root / "run" / "checkpoints" / f"step_{step}"
+    write_bpe_tokenizer(step_dir)
+    vocab_size = -(-load_tokenizer(str(step_dir / "tokenizer.json")).vocab_size // 64) * 64
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(step_dir, safe_serialization=True)
+    return root / "run"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_prompts, tiny_model
+from generation_helpers import random_prompts, tiny_model
 
 from ft.generation import DecodeStep, StaticKVCache
 from ft.models.llama.model import KVCache

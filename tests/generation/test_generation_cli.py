@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_bpe_tokenizer
+from generation_helpers import make_run_dir
 
 from ft.cli import main
 from ft.generation import GeneratorConfig, generate
@@ -29,17 +29,7 @@ GSM8K_ROWS = [
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
-    """OUT/checkpoints/step_3 holding a random HF Llama and its tokenizer."""
-    step_dir = tmp_path / "run" / "checkpoints" / "step_3"
-    write_bpe_tokenizer(step_dir)
-    vocab_size = load_tokenizer(str(step_dir / "tokenizer.json")).vocab_size
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(step_dir, safe_serialization=True)
-    return tmp_path / "run"
+    return make_run_dir(tmp_path)
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -141,7 +131,7 @@ def test_empty_prompt_file_is_a_clear_error(run_dir, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_multi_process_settings_are_refused_until_gangs_land(run_dir, tmp_path, capsys):
+def test_more_tensor_parallel_ranks_than_processes_is_a_clear_error(run_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "test.jsonl", GSM8K_ROWS)
     code = main([
         "lm", "generate", str(tmp_path / "gen"), "--no-sweep-dir", "--config",

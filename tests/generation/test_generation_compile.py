@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import IdTokenizer, random_prompts, tiny_model
+from generation_helpers import IdTokenizer, random_prompts, tiny_model
 
 from ft.generation import GenerateStats, GeneratorConfig, generate
 

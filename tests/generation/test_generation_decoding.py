@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import IdTokenizer, random_prompts, tiny_model
+from generation_helpers import IdTokenizer, random_prompts, tiny_model
 
 from ft.errors import ConfigError, DataError
 from ft.generation import (

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IdTokenizer, random_prompts
+from generation_helpers import IdTokenizer, random_prompts
 
 from ft.generation import GeneratorConfig, generate
 from ft.models import load_model

@@ -31,8 +31,11 @@ class StaticKVCache(KVCache):
     def __init__(self, model: Llama, *, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         c = model.config
         weight = model.model.embed_tokens.weight
+        # Under tensor parallelism each rank's attention holds only its share of the
+        # heads (parallelize_llama divides the counts), so ask the module, not the config.
+        n_kv_heads = model.model.layers[0].self_attn.n_kv_heads
         super().__init__(
-            n_layers=c.n_layers, batch_size=batch_size, max_len=max_len, n_kv_heads=c.n_kv_heads,
+            n_layers=c.n_layers, batch_size=batch_size, max_len=max_len, n_kv_heads=n_kv_heads,
             head_dim=c.head_dim, device=weight.device, dtype=dtype or weight.dtype,
         )
         device = weight.device

@@ -7,13 +7,17 @@ Writes `SAVE_DIR/output/rank_K.jsonl` (one object per prompt, in dataset order:
 id, prompt, response, token ids, log-probs, score, finish reason, reference and
 its per-row scores) with a readable `rank_K.txt` beside it, and, when rows carry
 references, `SAVE_DIR/metrics/generate.json` with the accuracy, also printed.
+
+Under torchrun / srun, data-parallel ranks split the dataset into contiguous
+chunks (rank K writes rank_K.*, so the files concatenated in rank order are in
+dataset order) and `tensor_parallel_size` shards the model over the tp gang.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,13 +30,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ft.data import PromptRow, read_prompts
 from ft.errors import CheckpointError, ConfigError
+from ft.gang import Gang, Gangs, setup_gangs, teardown_gangs
 from ft.generation import Generation, GenerateStats, GeneratorConfig, ScoreSummary, generate
+from ft.models import build_model
+from ft.models.llama.checkpoint import load_checkpoint
+from ft.models.llama.model import Llama
+from ft.models.llama.parallelize import check_parallel_layout, parallelize_llama
 from ft.recipes.cli_support import recipe_command
-from ft.recipes.lm_setup import resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
+from ft.recipes.lm_setup import ModelSource, resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
 
 log = logging.getLogger("ft")
 
-__all__ = ["GENERATE_COMMAND", "GenerateConfig", "GeneratorConfig", "run_generate", "shard_rows"]
+__all__ = ["GENERATE_COMMAND", "GenerateConfig", "GeneratorConfig", "run_generate", "shard_rows", "write_outputs"]
 
 
 @dataclass(kw_only=True)
@@ -53,97 +62,110 @@ class GenerateConfig:
     generator_config: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
-@dataclass(frozen=True)
-class _Ranks:
-    """This process's place among data-parallel generation ranks."""
-
-    rank: int = 0
-    size: int = 1
-
-
 def run_generate(config: GenerateConfig, output_dir: Path) -> int:
     config.generator_config.validate()
-    ranks = _setup_ranks(config)
-    device = _resolve_device(config.device)
-    setup_run_logging(output_dir, ranks.rank)
+    gangs = setup_gangs(device=config.device, tensor_parallel_size=config.tensor_parallel_size)
+    try:
+        setup_run_logging(output_dir, gangs.root.rank)
+        return _generate(config, output_dir, gangs)
+    finally:
+        teardown_gangs(gangs)
 
+
+def _generate(config: GenerateConfig, output_dir: Path, gangs: Gangs) -> int:
+    device = gangs.device
     source = resolve_model_source(config.model, checkpoint_dir=config.checkpoint_dir)
     if source.checkpoint is None:
         raise CheckpointError(
             f"{source.description} has no checkpoint to generate with; train it first "
             "(ft lm instruction_finetune OUT) and pass checkpoint_dir=OUT/checkpoints model=last_checkpoint"
         )
+    check_parallel_layout(source.config, tensor_parallel_size=gangs.tp.size)
     tokenizer = resolve_tokenizer(config.tokenizer, source)
-    from ft.models import load_model
-
+    if tokenizer.vocab_size > source.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but model {source.description} only {source.config.vocab_size}"
+        )
     dtype = resolve_dtype(config.dtype, device)
-    model = load_model(source.card_name or source.checkpoint, device=device, dtype=dtype).eval()
-    log.info("model: %s on %s (%s)", source.description, device, dtype)
+    model = _load_model(source, gangs, dtype)
+    log.info("model: %s on %s (%s), tensor parallel size %d", source.description, device, dtype, gangs.tp.size)
+
+    generator_config = config.generator_config
+    if gangs.tp.size > 1 and (generator_config.cuda_graphs or generator_config.compile):
+        # A capture or compile that failed on one rank and fell back there alone would
+        # desynchronise the tp group's collectives: tp decoding stays eager.
+        log.info("tensor parallel decoding runs eagerly (generator_config.cuda_graphs and compile are ignored)")
+        generator_config = dataclasses.replace(generator_config, cuda_graphs=False, compile=False)
 
     rows = read_prompts(config.dataset, tokenizer, split=_split_for(config.dataset, config.split))
-    begin, end = shard_rows(len(rows), ranks.rank, ranks.size)
+    begin, end = shard_rows(len(rows), gangs.dp.rank, gangs.dp.size)
     my_rows = rows[begin:end]
     log.info("generating for %d of %d prompts (rows %d-%d) from %s", len(my_rows), len(rows), begin, end - 1, config.dataset)
 
     stats = GenerateStats()
     start = time.perf_counter()
-    with _GenerateProgress(total=len(my_rows), enabled=ranks.rank == 0) as progress:
+    with _GenerateProgress(total=len(my_rows), enabled=gangs.is_main) as progress:
         generations = generate(
-            model, tokenizer, [row.prompt_tokens for row in my_rows], config.generator_config,
+            model, tokenizer, [row.prompt_tokens for row in my_rows], generator_config,
             progress=progress.advance, stats=stats,
         )
     elapsed = time.perf_counter() - start
     log.info(
         "generated %d tokens for %d prompts in %.1fs (%.0f tokens/s, decode step: %s)",
-        stats.num_generated_tokens, len(my_rows), elapsed, stats.num_generated_tokens / max(elapsed, 1e-9), stats.decode_path,
+        stats.num_generated_tokens, len(my_rows), elapsed, stats.num_generated_tokens / max(elapsed, 1e-9),
+        stats.decode_path,
     )
 
-    summary = write_outputs(output_dir / "output", ranks.rank, my_rows, generations)
-    if summary.num_rows and ranks.rank == 0:
+    # The tp ranks of a group hold the same generations; the group's first rank writes them.
+    summary = ScoreSummary()
+    if gangs.tp.rank == 0:
+        summary = write_outputs(output_dir / "output", gangs.dp.rank, my_rows, generations)
+    gathered = gangs.root.all_gather_object((gangs.tp.rank, summary, stats.num_generated_tokens))
+    total, num_tokens = ScoreSummary(), 0
+    for tp_rank, part, tokens in gathered:
+        if tp_rank == 0:
+            total, num_tokens = total.merge(part), num_tokens + tokens
+    if gangs.is_main:
+        _report(total, output_dir, num_prompts=len(rows), num_tokens=num_tokens, elapsed=time.perf_counter() - start,
+                model=source.description, dataset=config.dataset)
+    gangs.root.barrier()
+    return 0
+
+
+def _load_model(source: ModelSource, gangs: Gangs, dtype: torch.dtype) -> Llama:
+    """Built on meta, tensor-parallelized, then each rank reads only its shard. No data
+    parallelism is applied: dp ranks decode different prompts, independently."""
+    model = build_model(source.config, device="meta", dtype=dtype)
+    model = parallelize_llama(model, dataclasses.replace(gangs, dp=Gang(0, 1, None)))
+    model.to_empty(device=gangs.device)
+    model.reset_buffers()
+    assert source.checkpoint is not None
+    load_checkpoint(model, source.checkpoint)
+    return model.eval()
+
+
+def _report(
+    summary: ScoreSummary, output_dir: Path, *, num_prompts: int, num_tokens: int, elapsed: float, model: str,
+    dataset: str,
+) -> None:
+    """SAVE_DIR/metrics/generate.json and the console line, from all ranks' scores."""
+    if not summary.num_rows:
+        log.info("no row carries a reference answer: nothing to score")
+    else:
         metrics = {
             **summary.metrics(),
-            "num_prompts": len(rows),
-            "num_generated_tokens": stats.num_generated_tokens,
-            "tokens_per_second": stats.num_generated_tokens / max(elapsed, 1e-9),
-            "model": source.description,
-            "dataset": config.dataset,
+            "num_prompts": num_prompts,
+            "num_generated_tokens": num_tokens,
+            "tokens_per_second": num_tokens / max(elapsed, 1e-9),
+            "model": model,
+            "dataset": dataset,
         }
         metrics_dir = output_dir / "metrics"
         metrics_dir.mkdir(parents=True, exist_ok=True)
         (metrics_dir / "generate.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(_metrics_line(metrics), flush=True)
         log.info("metrics written to %s", metrics_dir / "generate.json")
-    elif ranks.rank == 0:
-        log.info("no row carries a reference answer: nothing to score")
     log.info("outputs written to %s", output_dir / "output")
-    return 0
-
-
-def _setup_ranks(config: GenerateConfig) -> _Ranks:
-    # Multi-process generation (data-parallel ranks splitting the dataset, tensor
-    # parallel) runs on the gangs of ft.gang (issue 5), which have not landed yet.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if config.tensor_parallel_size < 1:
-        raise ConfigError(f"config key 'tensor_parallel_size' must be at least 1, got {config.tensor_parallel_size}")
-    if config.tensor_parallel_size != 1 or world_size != 1:
-        raise ConfigError(
-            f"config key 'tensor_parallel_size'={config.tensor_parallel_size} with {world_size} process(es): "
-            "multi-process generation needs ft.gang, which this build does not have yet; run one process "
-            "with tensor_parallel_size=1"
-        )
-    return _Ranks()
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"config key 'device': {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'device': cuda was asked for but no CUDA device is available")
-    return device
 
 
 def _split_for(dataset: str, split: str) -> str | None:
