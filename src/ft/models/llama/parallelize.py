@@ -16,7 +16,7 @@ Data-parallel gradients are averaged over the dp gang (torch's default for FSDP 
 DDP): a trainer scales its summed loss by `dp_size / global_target_tokens`.
 
 The model is built on the meta device, parallelized, materialized with
-`to_empty(device=...)`, then loaded shard by shard with `load_sharded_state_dict`:
+`to_empty(device=...)`, then loaded shard by shard with `ft.models.llama.checkpoint.load_checkpoint`:
 no rank ever holds the full model. `iter_full_state_dict` gathers it back one tensor
 at a time for export.
 """
@@ -206,45 +206,6 @@ def parallelize_llama(
 # Loading and gathering
 
 
-def _local_view(param: Tensor) -> tuple[Tensor, tuple[slice, ...]]:
-    """(this rank's storage of `param`, the slices of the full tensor it holds)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(param, DTensor):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-        return param.to_local(), tuple(slice(o, o + s) for o, s in zip(offset, shape))
-    return param, tuple(slice(0, s) for s in param.shape)
-
-
-def _shape(tensor: Any) -> tuple[int, ...]:
-    return tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(tensor.shape)
-
-
-@torch.no_grad()
-def load_sharded_state_dict(model: nn.Module, tensors: Mapping[str, Any], *, source: str = "checkpoint") -> None:
-    """Copy each parameter's local shard from `tensors` into `model` in place.
-
-    `tensors` maps parameter names to full tensors, or to anything sliceable with a
-    shape, such as safetensors' lazy `safe_open(...).get_slice(name)`: only the slice
-    this rank holds is read. Parameters may be DTensors of any placement (FSDP, TP,
-    both) or plain tensors. A tied lm_head is one parameter and read once (under its
-    first name, `model.embed_tokens.weight`); extra entries in `tensors` are ignored.
-    """
-    for name, param in model.named_parameters():
-        if name not in tensors:
-            raise CheckpointError(f"tensor {name!r} is missing from {source}")
-        full = tensors[name]
-        if _shape(full) != tuple(param.shape):
-            raise CheckpointError(
-                f"tensor {name!r} in {source} has shape {list(_shape(full))}, the model expects {list(param.shape)}"
-            )
-        local, slices = _local_view(param)
-        if local.numel():
-            local.copy_(full[slices])
-
-
 def _is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -276,5 +237,5 @@ def iter_full_state_dict(
 
 
 __all__ = [
-    "check_parallel_layout", "iter_full_state_dict", "llama_tp_plan", "load_sharded_state_dict", "parallelize_llama",
+    "check_parallel_layout", "iter_full_state_dict", "llama_tp_plan", "parallelize_llama",
 ]
