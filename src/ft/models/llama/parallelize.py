@@ -23,13 +23,13 @@ at a time for export.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ft.errors import CheckpointError, ConfigError
+from ft.errors import ConfigError
 from ft.gang import Gangs
 from ft.models.llama.model import Llama, LlamaConfig
 
