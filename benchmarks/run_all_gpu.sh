@@ -12,7 +12,7 @@
 # whole call; a failure is logged and the next run starts. All JSON, logs and a
 # summary (summary.txt, printed last) go to OUT_DIR. Set GSM8K=path/to/train.jsonl
 # (default: benchmarks/data/gsm8k_train.jsonl, else /work/shared/data/gsm8k/train.jsonl)
-# and PYTHON (default python3). BENCH_EXTRA_ARGS is appended to every benchmark
+# and PYTHON (default python3). WORKLOADS="a c" limits `single` to those workloads. BENCH_EXTRA_ARGS is appended to every benchmark
 # command and NGPUS overrides the GPU count: `NGPUS=2 BENCH_EXTRA_ARGS="--device cpu
 # --tiny" run_all_gpu.sh OUT multi` smoke-tests this script on a CPU machine.
 set -u
@@ -59,11 +59,15 @@ run() {
   return $rc
 }
 
+has() { case " ${WORKLOADS:-a b c} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 single() {
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-  run a 230 "$PY" benchmarks/train_throughput.py --workload a --out "$OUT/a.json"
-  run b 210 "$PY" benchmarks/train_throughput.py --workload b --out "$OUT/b.json" --warmup 4 --steps 10
-  if [ -n "${GSM8K:-}" ]; then
+  has a && run a 230 "$PY" benchmarks/train_throughput.py --workload a --out "$OUT/a.json"
+  has b && run b 210 "$PY" benchmarks/train_throughput.py --workload b --out "$OUT/b.json" --warmup 4 --steps 10
+  if ! has c; then
+    :
+  elif [ -n "${GSM8K:-}" ]; then
     run c 170 "$PY" benchmarks/train_throughput.py --workload c --gsm8k "$GSM8K" --out "$OUT/c.json" --steps 20
   else
     echo "c skipped: no GSM8K file (set GSM8K=...)" | tee -a "$STATUS"
