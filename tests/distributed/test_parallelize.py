@@ -174,6 +174,11 @@ def test_fsdp2_x_tp2_tied_from_safetensors(tmp_path):
     run_distributed(_train_and_compare, 4, case)
 
 
+def test_fsdp2_selective_checkpointing():
+    # FSDP's hooks must stay outside the recomputed region.
+    run_distributed(_train_and_compare, 2, Case(activation_checkpointing="selective"))
+
+
 def test_hsdp_2x2_uneven_shards():
     # 63 vocabulary rows split over 2 shards: FSDP pads the second one.
     run_distributed(_train_and_compare, 4, Case(replicas=2, activation_checkpointing="full", vocab_size=63))

@@ -5,9 +5,10 @@
 1. the tensor-parallel plan `llama_tp_plan(model)` (data: module name -> ParallelStyle)
    over the `tp` gang: Megatron-style column-wise q/k/v and gate/up, row-wise o/down,
    a vocabulary-parallel embedding and a column-wise `lm_head`;
-2. activation checkpointing per block, with the composable `checkpoint` API, which
-   keeps parameter names unchanged (a `checkpoint_wrapper` would insert
-   `_checkpoint_wrapped_module.` into every name the checkpoint and HF export see);
+2. activation checkpointing per block, by wrapping each block's forward in
+   `torch.utils.checkpoint`, which keeps parameter names unchanged (a
+   `checkpoint_wrapper` would insert `_checkpoint_wrapped_module.` into every name
+   the checkpoint and HF export see) and FSDP's hooks outside the recomputed region;
 3. `torch.compile` per block (`block.compile()`, names unchanged too);
 4. FSDP2 `fully_shard` per block, then the root, over the `dp` gang (HSDP when
    `fsdp_replicas > 1`), or DDP (composable `replicate`) when asked.
@@ -22,6 +23,8 @@ at a time for export.
 """
 
 from __future__ import annotations
+
+import functools
 
 from typing import Any, Iterator, Literal
 
@@ -170,13 +173,13 @@ def parallelize_llama(
             layer.self_attn.n_kv_heads //= tp_size
 
     if activation_checkpointing != "none":
-        from torch.distributed._composable import checkpoint
+        from torch.utils.checkpoint import checkpoint
 
+        options = {} if activation_checkpointing == "full" else {"context_fn": _selective_checkpoint_context}
         for layer in layers:
-            if activation_checkpointing == "full":
-                checkpoint(layer)
-            else:
-                checkpoint(layer, context_fn=_selective_checkpoint_context)
+            # Wrap forward only: FSDP's hooks stay outside the checkpointed region (so
+            # the recompute sees the same ops as the forward) and names stay unchanged.
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False, **options)
 
     if compile:
         for layer in layers:
