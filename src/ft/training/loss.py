@@ -29,13 +29,21 @@ def chunked_cross_entropy_sum(
     labels_BT: torch.Tensor,
     *,
     chunk_size: int = 1024,
+    target_index_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """sum over target tokens of -log p(label), computed chunk by chunk in float32."""
-    target_mask_BT = labels_BT != IGNORE_INDEX
-    hidden_ND = hidden_BTD[target_mask_BT]
-    labels_N = labels_BT[target_mask_BT]
+    """sum over target tokens of -log p(label), computed chunk by chunk in float32.
+
+    `target_index_N`: the flat positions of the target tokens, computed on the host
+    from the CPU labels (`target_positions`); it saves the device->host sync that
+    selecting them with a boolean mask on the GPU costs.
+    """
+    if target_index_N is None:
+        target_index_N = target_positions(labels_BT).to(labels_BT.device)
+    num_targets = target_index_N.shape[0]
+    hidden_ND = hidden_BTD.flatten(0, 1).index_select(0, target_index_N)
+    labels_N = labels_BT.flatten().index_select(0, target_index_N)
     total = hidden_BTD.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden_ND.shape[0], chunk_size):
+    for start in range(0, num_targets, chunk_size):
         # Recomputed in backward, so no chunk's logits outlive its own loss.
         total = total + checkpoint(
             _chunk_loss,
@@ -44,10 +52,15 @@ def chunked_cross_entropy_sum(
             labels_N[start : start + chunk_size],
             use_reentrant=False,
         )
-    if hidden_ND.shape[0] == 0:
+    if num_targets == 0:
         # Keep the graph connected so backward works on a batch without targets.
         total = total + 0.0 * hidden_BTD.sum()
     return total
+
+
+def target_positions(labels_BT: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the positions that carry a label (call it on CPU labels)."""
+    return torch.nonzero(labels_BT.flatten() != IGNORE_INDEX).squeeze(1)
 
 
 def cross_entropy_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
