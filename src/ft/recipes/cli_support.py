@@ -3,18 +3,20 @@
 Every recipe gets the same surface: `OUT`, `--config-file` (repeatable),
 `--config key=value ...`, `--dump-config`, `--no-sweep-dir`. It also owns the
 output directory: the sweep subdirectory named after the config's hash, and
-`OUT/config.yaml`.
+`OUT/config.yaml` (written by rank 0 only).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 from ft.cli import Command
 from ft.config import build_config, config_hash, dump_config
 from ft.errors import FtError
+from ft.gang import detect_launch
 
 RecipeRun = Callable[[Any, Path], int | None]
 
@@ -75,5 +77,11 @@ def prepare_output_dir(out: Path, config: Any, *, sweep: bool, sweep_prefix: str
     if output_dir.exists() and not output_dir.is_dir():
         raise FtError(f"output path {output_dir} exists and is not a directory")
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(dump_config(config))
+    # Called before any process group exists, so the launch environment says who is
+    # rank 0; only it writes (other ranks would race on the same file). The write is
+    # atomic so a reader never sees half a config.
+    if detect_launch().rank == 0:
+        tmp = output_dir / f".config.yaml.{os.getpid()}.tmp"
+        tmp.write_text(dump_config(config))
+        os.replace(tmp, output_dir / "config.yaml")
     return output_dir

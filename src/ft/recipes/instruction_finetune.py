@@ -185,7 +185,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         log.info("saved checkpoint %s", path)
 
     recorders = MetricBag(output_dir, config.metric_recorders, wandb_project=config.wandb_project,
-                          config=config_to_dict(config)) if gangs.is_main else None
+                          config=config_to_dict(config), start_step=step) if gangs.is_main else None
     peak_tflops, peak_source = device_peak_tflops(device, config.peak_tflops)
     flops_per_token = model_flops_per_token(model_config, config.max_seq_len)
     log.info("model: %s, %s params, MFU peak: %s", source.description,
@@ -296,10 +296,34 @@ def _format(config: InstructionFinetuneConfig) -> str | None:
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"), foreach=True)
-    # Under FSDP/TP the norm is a DTensor; its full value is what users read.
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    """Clip to `max_norm` (None: only measure) and return the global gradient norm.
+
+    Under TP, and FSDP x TP, the gradients are a mix of plain tensors (replicated
+    RMSNorm weights under TP alone) and DTensors on different meshes (2-D dp x tp for
+    the projections, the 1-D dp sub-mesh for the norms), which one `clip_grad_norm_`
+    cannot take. Each (mesh, placements) group is reduced on its own mesh, and the
+    scale is applied to the local shards.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for grad in grads:
+        key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+        groups.setdefault(key, []).append(grad)
+    total_sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
+    for key, group in groups.items():
+        norm = torch.nn.utils.get_total_norm(group, 2.0, foreach=True)
+        if isinstance(norm, DTensor):  # a partial norm: reduce it over the shards
+            norm = norm.full_tensor()
+        total_sq += norm.float() ** 2
+    total = total_sq.sqrt()
+    if max_norm is not None and grads:
+        # Without `if coef < 1`: no host sync; multiplying by 1 is harmless.
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        torch._foreach_mul_(local, coef.to(local[0].dtype))
+    return total
 
 
 def _publish(stats: StepStats, gangs: Gangs, lr: float, peak_tflops, flops_per_token: int, epoch: int) -> dict[str, Any]:

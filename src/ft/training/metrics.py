@@ -50,11 +50,23 @@ class MetricRecorder(Protocol):
 
 
 class JsonlRecorder:
-    """One JSON object per published step in OUT/metrics/{split}.jsonl."""
+    """One JSON object per published step in OUT/metrics/{split}.jsonl.
 
-    def __init__(self, output_dir: Path) -> None:
+    A run resumed at `start_step` first drops the lines of later steps, which the
+    interrupted run published after its last checkpoint and the resumed run will
+    publish again: each step appears once, from the run whose weights survived.
+    """
+
+    def __init__(self, output_dir: Path, *, start_step: int = 0) -> None:
         self.dir = output_dir / "metrics"
         self.dir.mkdir(parents=True, exist_ok=True)
+        for path in self.dir.glob("*.jsonl"):
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _step_of(line) <= start_step]
+            if len(kept) != len(lines):
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(kept))
+                os.replace(tmp, path)
 
     def record(self, split: str, step: int, values: dict[str, Any]) -> None:
         with open(self.dir / f"{split}.jsonl", "a") as f:
@@ -64,8 +76,15 @@ class JsonlRecorder:
         pass
 
 
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1  # a torn last line of a killed run: keep it out of the way, never crash on it
+
+
 class TensorBoardRecorder:
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, *, start_step: int = 0) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -75,10 +94,13 @@ class TensorBoardRecorder:
         self.writers: dict[str, Any] = {}
         self.root = output_dir / "tb"
         self._writer_class = SummaryWriter
+        self.start_step = start_step
 
     def record(self, split: str, step: int, values: dict[str, Any]) -> None:
         if split not in self.writers:
-            self.writers[split] = self._writer_class(str(self.root / split))
+            # purge_step hides events of steps after the checkpoint a resumed run started from.
+            purge = self.start_step + 1 if self.start_step else None
+            self.writers[split] = self._writer_class(str(self.root / split), purge_step=purge)
         writer = self.writers[split]
         for key, value in values.items():
             if isinstance(value, (int, float)):
@@ -114,13 +136,15 @@ KNOWN_RECORDERS = ("jsonl", "tensorboard", "wandb")
 class MetricBag:
     """All recorders of a run; `jsonl` is always on."""
 
-    def __init__(self, output_dir: Path, names: list[str], *, wandb_project: str, config: dict[str, Any]) -> None:
+    def __init__(
+        self, output_dir: Path, names: list[str], *, wandb_project: str, config: dict[str, Any], start_step: int = 0
+    ) -> None:
         unknown = [name for name in names if name not in KNOWN_RECORDERS]
         if unknown:
             raise ConfigError(f"config key 'metric_recorders': unknown recorder {unknown[0]!r}; known: {list(KNOWN_RECORDERS)}")
-        self.recorders: list[MetricRecorder] = [JsonlRecorder(output_dir)]
+        self.recorders: list[MetricRecorder] = [JsonlRecorder(output_dir, start_step=start_step)]
         if "tensorboard" in names:
-            self.recorders.append(TensorBoardRecorder(output_dir))
+            self.recorders.append(TensorBoardRecorder(output_dir, start_step=start_step))
         if "wandb" in names:
             self.recorders.append(WandbRecorder(output_dir, project=wandb_project, config=config))
 
