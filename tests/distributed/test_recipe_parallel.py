@@ -4,9 +4,10 @@ Every parallel layout must train exactly like one process on the same global bat
 (float32): FSDP and DDP with dp=2 like one process with gradient_accumulation=2, TP
 like one process with the same settings, dp=2 x tp=2 like gradient_accumulation=2.
 Compared: the loss curve and grad norms in OUT/metrics/train.jsonl, the global
-example counts, and the exported HF weights of every checkpoint. A run saved on dp=2
+example counts, the validation losses, and the exported HF weights of every checkpoint. A run saved on dp=2
 resumes under tp=2 and on one process and continues as the uninterrupted run did.
-Impossible layouts fail on every rank before any work, naming the key.
+Impossible layouts fail on every rank before any work, naming the key; a SIGTERM
+that reaches one rank stops all of them after the same step.
 
 The runs are shared through module-scoped fixtures (each costs 5-15 s on 2 cores).
 """
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +32,7 @@ from safetensors.torch import load_file
 SETTINGS = [
     "max_seq_len=128", "max_num_tokens=256", "publish_metrics_every_n_steps=1", "warmup_steps=2",
     "dtype=float32", "max_num_steps=4", "checkpoint_every_n_steps=2", "keep_last_n_checkpoints=2",
-    "save_model_dtype=float32",
+    "save_model_dtype=float32", "validate_every_n_steps=2",
 ]
 STEPS = [1, 2, 3, 4]
 
@@ -56,8 +60,8 @@ def launch(out: Path, nproc: int, *overrides: str, asset_dir: Path, timeout: flo
     return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics" / "train.jsonl").read_text().splitlines()]
+def metrics(out: Path, split: str = "train") -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics" / f"{split}.jsonl").read_text().splitlines()]
 
 
 def weights(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -79,6 +83,12 @@ def assert_same_curve(run: Path, reference: Path, steps: list[int] = STEPS) -> N
         assert g["lr"] == pytest.approx(w["lr"], rel=1e-12), f"step {step}"
         # examples are summed over dp ranks: the global count, as one process counts it.
         assert g["examples"] == w["examples"], f"step {step}"
+    # Validation: every rank a share of the split, losses and token counts summed.
+    valid, valid_reference = metrics(run, "valid"), metrics(reference, "valid")
+    assert [m["step"] for m in valid] == [2, 4]
+    for g, w in zip(valid, valid_reference):
+        assert g["target_tokens"] == w["target_tokens"]
+        assert g["loss"] == pytest.approx(w["loss"], rel=LOSS_RTOL, abs=0), f"valid step {g['step']}"
 
 
 def max_weight_diff(a: Path, b: Path) -> float:
@@ -143,8 +153,10 @@ def test_only_rank_0_publishes_and_every_rank_logs(runs):
     out = runs.fsdp()
     result = runs.results["fsdp_dp2"]
     console = result.stdout + result.stderr
+    lines = console.splitlines()
     for step in STEPS:  # one console line per step, not one per rank
-        assert console.count(f"step {step} loss=") == 1, console[-3000:]
+        assert sum(line.startswith(f"step {step} loss=") for line in lines) == 1, console[-3000:]
+    assert sum(line.startswith("valid step 4 loss=") for line in lines) == 1
     assert console.count("train data (") == 1  # rank 1's log lines stay off the console
     for rank in (0, 1):
         log = (out / "logs" / f"rank_{rank}.log").read_text()
@@ -227,3 +239,38 @@ def test_impossible_layout_fails_on_every_rank_before_work(runs, overrides, mess
     assert len(errors) == 2 and all(message in line for line in errors), result.stderr[-3000:]
     assert "ConfigError" not in result.stderr  # one clear line per rank, no Python traceback
     assert not (out / "checkpoints").exists() and not (out / "metrics").exists()
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(runs):
+    """The stop flag is reduced over all ranks: a signal that reaches one worker only
+    (as Ctrl-C or a scheduler may) still ends every rank after the same step, with a
+    checkpoint of that step, and the launcher sees a clean exit."""
+    out = runs.root / "signal"
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
+    env.update(FT_USER_ASSET_DIR=str(runs.asset_dir), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ft.cli",
+               "lm", "instruction_finetune", str(out), "--no-sweep-dir", "--config", *SETTINGS,
+               "max_num_steps=1000", "checkpoint_every_n_steps=1000"]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics" / "train.jsonl").is_file():  # training has begun: handlers are installed
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        workers = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, output[-3000:]
+    logs = [(out / "logs" / f"rank_{rank}.log").read_text() for rank in (0, 1)]
+    assert sum("received signal" in log for log in logs) == 1
+    stopped = [re.search(r"stopped by signal at step (\d+)", log) for log in logs]
+    assert all(stopped), logs
+    step = int(stopped[0].group(1))
+    assert int(stopped[1].group(1)) == step < 1000
+    step_dir = out / "checkpoints" / f"step_{step}"
+    assert (step_dir / "trainer" / ".metadata").is_file() and (step_dir / "model.safetensors").is_file()
+    assert metrics(out)[-1]["step"] == step
