@@ -118,3 +118,22 @@ def test_two_accumulation_steps_equal_one_big_step():
         torch.testing.assert_close(g_one[name], g_two[name], rtol=1e-5, atol=1e-7, msg=name)
     for name in w_one:
         torch.testing.assert_close(w_one[name], w_two[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_loss_under_bf16_autocast_matches_float32():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[1, 3:] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = chunked_cross_entropy_sum(hidden, head, labels, chunk_size=4)
+    fused.backward()
+    g_hidden, g_weight = hidden.grad.clone(), head.weight.grad.clone()
+    assert head.weight.grad.dtype == torch.float32
+    hidden.grad, head.weight.grad = None, None
+    reference = cross_entropy_sum(head(hidden), labels)
+    reference.backward()
+    torch.testing.assert_close(fused, reference, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(g_hidden, hidden.grad, rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(g_weight, head.weight.grad, rtol=5e-2, atol=5e-3)

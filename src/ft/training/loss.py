@@ -1,10 +1,16 @@
 """Cross-entropy summed over target tokens, without full-vocabulary fp32 logits.
 
-Only positions with a label (not -100) go through the output projection (the
-model's `lm_head` module, so tensor-parallel hooks gather each chunk's logits), in
-chunks of `chunk_size` tokens, so at most chunk_size x vocab logits exist at
-once. The sum (not the mean) is returned: the trainer divides by the target
-tokens of the whole optimizer step, across accumulation steps and ranks.
+Only positions with a label (not -100) go through the output projection, in
+chunks of `chunk_size` tokens, so at most chunk_size x vocab logits exist at once.
+The sum (not the mean) is returned: the trainer divides by the target tokens of
+the whole optimizer step, across accumulation steps and ranks.
+
+Two paths:
+- a plain `nn.Linear` head (one device, FSDP, DDP): a fused linear + cross-entropy
+  that computes each chunk's gradients for the hidden states and the weight in the
+  forward pass, so backward recomputes nothing and no chunk's logits are kept;
+- anything else (a tensor-parallel head, whose weight is a DTensor): each chunk goes
+  through the head module (its hooks gather the logits), recomputed in backward.
 """
 
 from __future__ import annotations
@@ -12,15 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-
-
-def _chunk_loss(hidden_CD: torch.Tensor, output: nn.Module, labels_C: torch.Tensor) -> torch.Tensor:
-    logits_CV = output(hidden_CD)
-    return F.cross_entropy(logits_CV.float(), labels_C, reduction="sum")
 
 
 def chunked_cross_entropy_sum(
@@ -40,21 +40,22 @@ def chunked_cross_entropy_sum(
     if target_index_N is None:
         target_index_N = target_positions(labels_BT).to(labels_BT.device)
     num_targets = target_index_N.shape[0]
+    if num_targets == 0:
+        # Keep the graph connected so backward works on a batch without targets.
+        return 0.0 * hidden_BTD.sum(dtype=torch.float32)
     hidden_ND = hidden_BTD.flatten(0, 1).index_select(0, target_index_N)
     labels_N = labels_BT.flatten().index_select(0, target_index_N)
+    if _is_plain_linear(output):
+        return _LinearCrossEntropy.apply(hidden_ND, output.weight, labels_N, chunk_size)
     total = hidden_BTD.new_zeros((), dtype=torch.float32)
     for start in range(0, num_targets, chunk_size):
-        # Recomputed in backward, so no chunk's logits outlive its own loss.
         total = total + checkpoint(
-            _chunk_loss,
+            _module_chunk_loss,
             hidden_ND[start : start + chunk_size],
             output,
             labels_N[start : start + chunk_size],
             use_reentrant=False,
         )
-    if num_targets == 0:
-        # Keep the graph connected so backward works on a batch without targets.
-        total = total + 0.0 * hidden_BTD.sum()
     return total
 
 
@@ -68,3 +69,71 @@ def cross_entropy_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torc
     return F.cross_entropy(
         logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    if not isinstance(module, nn.Linear) or module.bias is not None:
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return True
+    return not isinstance(module.weight, DTensor)
+
+
+def _module_chunk_loss(hidden_CD: torch.Tensor, output: nn.Module, labels_C: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output(hidden_CD).float(), labels_C, reduction="sum")
+
+
+def _chunk_loss_and_grads(
+    hidden_CD: torch.Tensor, weight_VD: torch.Tensor, labels_C: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss sum of one chunk and its gradients w.r.t. the chunk's hidden states and the weight."""
+    logits_CV = (hidden_CD @ weight_VD.t()).float()
+    lse_C = torch.logsumexp(logits_CV, dim=-1)
+    loss = (lse_C - logits_CV.gather(1, labels_C[:, None]).squeeze(1)).sum()
+    # d loss / d logits = softmax - one_hot(label)
+    grad_logits_CV = torch.exp(logits_CV - lse_C[:, None])
+    grad_logits_CV.scatter_add_(1, labels_C[:, None], grad_logits_CV.new_full((labels_C.shape[0], 1), -1.0))
+    grad_logits_CV = grad_logits_CV.to(hidden_CD.dtype)
+    return loss, grad_logits_CV @ weight_VD, grad_logits_CV.t() @ hidden_CD
+
+
+_compiled_chunk = None
+
+
+def _chunk_fn(device: torch.device):
+    """The chunk math, compiled on GPUs (fuses the fp32 softmax passes); eager elsewhere."""
+    global _compiled_chunk
+    if device.type != "cuda":
+        return _chunk_loss_and_grads
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grads, dynamic=False)
+    return _compiled_chunk
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum CE(hidden @ weight.T, labels), gradients computed during forward."""
+
+    @staticmethod
+    def forward(ctx, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, chunk_size: int):
+        compute_dtype = hidden_ND.dtype
+        weight = weight_VD.to(compute_dtype)
+        # fp32 master weights get an fp32 gradient accumulator; bf16 weights keep bf16.
+        grad_weight = torch.zeros_like(weight_VD)
+        grad_hidden = torch.empty_like(hidden_ND)
+        loss = hidden_ND.new_zeros((), dtype=torch.float32)
+        chunk = _chunk_fn(hidden_ND.device)
+        for start in range(0, hidden_ND.shape[0], chunk_size):
+            end = start + chunk_size
+            loss_c, grad_hidden_c, grad_weight_c = chunk(hidden_ND[start:end], weight, labels_N[start:end])
+            loss += loss_c
+            grad_hidden[start:end] = grad_hidden_c
+            grad_weight += grad_weight_c
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
