@@ -351,6 +351,24 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
     return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
+def _masked_sdpa(q_BNTH: Tensor, k_BKSH: Tensor, v_BKSH: Tensor, mask_B1TS: Tensor) -> Tensor:
+    """GQA attention under a mask, without copying keys/values per query head.
+
+    SDPA's `enable_gqa` runs only in the flash kernel (which takes no mask) and the math
+    kernel (which repeats every KV head G times, in float32). Instead the G query heads
+    that share a KV head are folded into the query length, [B, K, G*T, H] with rows
+    ordered (g, t), and the mask tiled to match: the memory-efficient kernel then reads
+    each KV head once. Decoding (T = 1, a long cache) is where this matters.
+    """
+    B, N, T, H = q_BNTH.shape
+    K = k_BKSH.shape[1]
+    G = N // K
+    q_BKMH = q_BNTH.reshape(B, K, G * T, H)
+    mask_B1MS = mask_B1TS.repeat(1, 1, G, 1)
+    o_BKMH = F.scaled_dot_product_attention(q_BKMH, k_BKSH, v_BKSH, attn_mask=mask_B1MS)
+    return o_BKMH.reshape(B, N, T, H)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -376,7 +394,9 @@ class Attention(nn.Module):
         if mask is None:
             o_BNTH = F.scaled_dot_product_attention(q_BNTH, k_BKTH, v_BKTH, is_causal=True, enable_gqa=gqa)
         elif isinstance(mask, Tensor):
-            o_BNTH = F.scaled_dot_product_attention(q_BNTH, k_BKTH, v_BKTH, attn_mask=mask, enable_gqa=gqa)
+            o_BNTH = _masked_sdpa(q_BNTH, k_BKTH, v_BKTH, mask) if gqa else F.scaled_dot_product_attention(
+                q_BNTH, k_BKTH, v_BKTH, attn_mask=mask
+            )
         else:
             o_BNTH = _flex_attention(q_BNTH, k_BKTH, v_BKTH, mask)
         return self.o_proj(o_BNTH.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
