@@ -32,7 +32,7 @@ from ft.recipes.cli_support import recipe_command
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig
 from ft.recipes.lm_setup import DTYPES, resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
 from ft.training.checkpoint import CheckpointManager
-from ft.training.loss import chunked_cross_entropy_sum
+from ft.training.loss import chunked_cross_entropy_sum, target_positions
 from ft.training.metrics import MetricBag, device_peak_tflops, format_metrics
 from ft.training.optim import build_optimizer, build_scheduler
 from ft.training.progress import TrainingProgress
@@ -251,17 +251,20 @@ def accumulate_gradients(model, batches, *, gangs: Gangs, autocast, scaler, loss
     on how the step is split into micro-batches or ranks.
     """
     device = gangs.device
-    step_targets = torch.tensor(sum(b.num_target_tokens for b in batches), device=device)
+    # Counted and reduced on the host (gloo serves CPU tensors on GPU runs too), so
+    # the step never waits for the device.
+    step_targets = torch.tensor(sum(b.num_target_tokens for b in batches), dtype=torch.int64)
     gangs.dp.all_reduce(step_targets)
     # FSDP/DDP average gradients over dp ranks; scaling by dp.size makes it a sum.
-    norm = gangs.dp.size / max(int(step_targets.item()), 1)
+    norm = gangs.dp.size / max(int(step_targets), 1)
     for batch in batches:
+        target_index_N = target_positions(batch.labels_BT).to(device, non_blocking=True)
         batch = batch.to(device, non_blocking=True)
         with autocast:
             hidden = model(batch.tokens_BT, positions_BT=batch.positions_BT,
                            document_ids_BT=batch.document_ids_BT, return_hidden=True)
             loss_sum = chunked_cross_entropy_sum(hidden, model.lm_head, batch.labels_BT,
-                                                 chunk_size=loss_chunk_size)
+                                                 chunk_size=loss_chunk_size, target_index_N=target_index_N)
         scaler.scale(loss_sum * norm).backward()
         stats.loss_sum += loss_sum.detach()
         stats.targets += batch.num_target_tokens
