@@ -7,7 +7,8 @@ Compared: the loss curve and grad norms in OUT/metrics/train.jsonl, the global
 example counts, the validation losses, and the exported HF weights of every checkpoint. A run saved on dp=2
 resumes under tp=2 and on one process and continues as the uninterrupted run did.
 Impossible layouts fail on every rank before any work, naming the key; a SIGTERM
-that reaches one rank stops all of them after the same step.
+that reaches one rank stops all of them after the same step; tasks started as
+`srun` starts them (faked SLURM_* variables) train like torchrun's.
 
 The runs are shared through module-scoped fixtures (each costs 5-15 s on 2 cores).
 """
@@ -19,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -274,3 +276,33 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(runs):
     step_dir = out / "checkpoints" / f"step_{step}"
     assert (step_dir / "trainer" / ".metadata").is_file() and (step_dir / "model.safetensors").is_file()
     assert metrics(out)[-1]["step"] == step
+
+
+def test_srun_launch_trains_like_torchrun(runs):
+    """Two tasks started as `srun` would (faked SLURM_* variables, no torchrun):
+    launch detection builds the same dp=2 gang and the run matches the torchrun one."""
+    reference = runs.fsdp()
+    out = runs.root / "srun"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
+    base.update(FT_USER_ASSET_DIR=str(runs.asset_dir), OMP_NUM_THREADS="1", SLURM_JOB_ID="4242", SLURM_STEP_ID="0",
+                SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
+    command = [sys.executable, "-m", "ft.cli", "lm", "instruction_finetune", str(out), "--no-sweep-dir", "--config",
+               *SETTINGS]
+    tasks = [
+        subprocess.Popen(command, env={**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [task.communicate(timeout=90)[0] for task in tasks]
+    finally:
+        for task in tasks:
+            if task.poll() is None:
+                task.kill()
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "step 1 loss=" in outputs[0] and "step 1 loss=" not in outputs[1]
+    assert_same_curve(out, reference)
+    assert_same_weights(out, reference, atol=WEIGHT_ATOL["dp"])
