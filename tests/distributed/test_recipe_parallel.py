@@ -2,7 +2,8 @@
 
 Every parallel layout must train exactly like one process on the same global batch
 (float32): FSDP and DDP with dp=2 like one process with gradient_accumulation=2, TP
-like one process with the same settings, dp=2 x tp=2 like gradient_accumulation=2.
+like one process with the same settings, dp=2 x tp=2 like gradient_accumulation=2,
+HSDP 2 x 2 like gradient_accumulation=4.
 Compared: the loss curve and grad norms in OUT/metrics/train.jsonl, the global
 example counts, the validation losses, and the exported HF weights of every checkpoint. A run saved on dp=2
 resumes under tp=2 and on one process and continues as the uninterrupted run did.
@@ -188,6 +189,14 @@ def test_dp2_x_tp2_matches_one_process_with_accumulation(runs):
     assert_same_curve(out, reference)
     assert_same_weights(out, reference, atol=WEIGHT_ATOL["tp"])
     assert all((out / "logs" / f"rank_{rank}.log").is_file() for rank in range(4))
+
+
+def test_hsdp_2x2_matches_one_process_with_accumulation_4(runs):
+    """fsdp_replicas=2 on 4 processes: 2 replicas x 2 shards, dp=4."""
+    out = runs.get("hsdp_2x2", 4, "fsdp_replicas=2")
+    reference = runs.get("one_ga4", 1, "gradient_accumulation=4")
+    assert_same_curve(out, reference)
+    assert_same_weights(out, reference, atol=WEIGHT_ATOL["dp"])
 
 
 def test_tolerances_can_fail(runs):
