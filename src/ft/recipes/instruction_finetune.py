@@ -68,6 +68,9 @@ def check_config(config: InstructionFinetuneConfig) -> None:
             f"config key 'max_num_tokens' ({config.max_num_tokens}) must be at least max_seq_len "
             f"({config.max_seq_len}): a batch holds whole rows"
         )
+    if config.data_parallelism == "ddp" and config.fsdp_replicas > 1:
+        raise ConfigError(f"config key 'fsdp_replicas' ({config.fsdp_replicas}) needs data_parallelism=fsdp "
+                          f"(HSDP shards within replicas); DDP replicates over all ranks: use fsdp_replicas=1")
     if config.resume_checkpoint_dir is None and config.model.startswith(("last_checkpoint", "checkpoint_step_")):
         raise ConfigError(f"config key 'model': {config.model!r} needs resume_checkpoint_dir")
 
@@ -168,6 +171,10 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         _restore_rng(extra.get("rng"), gangs)
 
     def export_model(directory: Path) -> None:
+        # FSDP x TP weights are (_StridedShard, Shard) DTensors, whose gather torch does as
+        # two all-gathers and warns about on every rank at every save; gathers do not
+        # reduce, so the result is exact and the warning is noise.
+        logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
         items = iter_full_state_dict(model, rank0_only=True)
         if gangs.is_main:
             save_hf_state_dict(items, model_config, directory, dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer)
@@ -397,7 +404,8 @@ class _StopSignal:
     def requested(self, gangs: Gangs) -> bool:
         if gangs.root.size == 1:
             return self.flag
-        flag = torch.tensor(int(self.flag), device=gangs.device)
+        # A host tensor (gloo serves it on GPU runs too): no device sync per step.
+        flag = torch.tensor(int(self.flag))
         gangs.root.all_reduce(flag, op="max")  # every rank must stop at the same step
         return bool(flag.item())
 
