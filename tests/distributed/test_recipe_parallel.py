@@ -5,8 +5,9 @@ Every parallel layout must train exactly like one process on the same global bat
 like one process with the same settings, dp=2 x tp=2 like gradient_accumulation=2,
 HSDP 2 x 2 like gradient_accumulation=4.
 Compared: the loss curve and grad norms in OUT/metrics/train.jsonl, the global
-example counts, the validation losses, and the exported HF weights of every checkpoint. A run saved on dp=2
-resumes under tp=2 and on one process and continues as the uninterrupted run did.
+example counts, the validation losses, and the exported HF weights of every
+checkpoint. A run saved on dp=2 (or dp=2 x tp=2) resumes under tp=2, DDP and one
+process and continues as the uninterrupted run did.
 Impossible layouts fail on every rank before any work, naming the key; a SIGTERM
 that reaches one rank stops all of them after the same step; tasks started as
 `srun` starts them (faked SLURM_* variables) train like torchrun's.
@@ -50,6 +51,14 @@ _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
                 "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
 
 
+def clean_env(asset_dir: Path, **extra: str) -> dict[str, str]:
+    """This environment without any launcher's variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
+    # 2-4 processes share 2 cores: one thread each avoids oversubscription stalls.
+    env.update(FT_USER_ASSET_DIR=str(asset_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
 def launch(out: Path, nproc: int, *overrides: str, asset_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m ft.cli lm instruction_finetune OUT ...`
     (plain `python -m ft.cli` for one process)."""
@@ -57,10 +66,8 @@ def launch(out: Path, nproc: int, *overrides: str, asset_dir: Path, timeout: flo
                *overrides]
     if nproc > 1:
         command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *command]
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
-    # 2-4 processes share 2 cores: one thread each avoids oversubscription stalls.
-    env.update(FT_USER_ASSET_DIR=str(asset_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *command], env=clean_env(asset_dir), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def metrics(out: Path, split: str = "train") -> list[dict]:
@@ -261,8 +268,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(runs):
     (as Ctrl-C or a scheduler may) still ends every rank after the same step, with a
     checkpoint of that step, and the launcher sees a clean exit."""
     out = runs.root / "signal"
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
-    env.update(FT_USER_ASSET_DIR=str(runs.asset_dir), OMP_NUM_THREADS="1")
+    env = clean_env(runs.asset_dir)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "ft.cli",
                "lm", "instruction_finetune", str(out), "--no-sweep-dir", "--config", *SETTINGS,
                "max_num_steps=1000", "checkpoint_every_n_steps=1000"]
@@ -299,9 +305,10 @@ def test_srun_launch_trains_like_torchrun(runs):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("SLURM_")}
-    base.update(FT_USER_ASSET_DIR=str(runs.asset_dir), OMP_NUM_THREADS="1", SLURM_JOB_ID="4242", SLURM_STEP_ID="0",
-                SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
+    # MASTER_PORT overrides the port derived from the job id (test_gang checks that
+    # derivation), so parallel test sessions cannot collide.
+    base = clean_env(runs.asset_dir, SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_NTASKS="2",
+                     SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
     command = [sys.executable, "-m", "ft.cli", "lm", "instruction_finetune", str(out), "--no-sweep-dir", "--config",
                *SETTINGS]
     tasks = [
