@@ -24,7 +24,6 @@ at a time for export.
 
 from __future__ import annotations
 
-import functools
 
 from typing import Any, Iterator, Literal
 
@@ -106,6 +105,17 @@ def llama_tp_plan(model: Llama, *, loss_parallel: bool = False) -> dict[str, Any
             f"{p}.mlp.down_proj": RowwiseParallel(),
         })
     return plan
+
+
+def _checkpointed(forward, checkpoint, options: dict[str, Any]):
+    """`forward` run under activation checkpointing. A plain function (not a
+    functools.partial of torch's checkpoint), so torch.compile traces into it and
+    compiles the block with its checkpoint instead of silently skipping the frame."""
+
+    def checkpointed_forward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
+
+    return checkpointed_forward
 
 
 def _selective_checkpoint_context():
@@ -194,7 +204,7 @@ def parallelize_llama(
         for layer in layers:
             # Wrap forward only: FSDP's hooks stay outside the checkpointed region (so
             # the recompute sees the same ops as the forward) and names stay unchanged.
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False, **options)
+            layer.forward = _checkpointed(layer.forward, checkpoint, options)
 
     if compile:
         for layer in layers:
