@@ -50,7 +50,8 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
 import torch  # noqa: E402
 
 from ft.gang import Gangs  # noqa: E402
-from ft.recipes.instruction_finetune import StepStats, _clip_grad_norm, accumulate_gradients  # noqa: E402
+from ft.recipes.instruction_finetune import StepStats, accumulate_gradients  # noqa: E402
+from ft.training.optim import clip_grad_norm  # noqa: E402
 from ft.training.metrics import device_peak_tflops  # noqa: E402
 from ft.training.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -320,7 +321,7 @@ class FtTrainer:
         accumulate_gradients(self.model, batches, gangs=self.gangs, autocast=self.autocast, scaler=self.scaler,
                              loss_chunk_size=self.loss_chunk_size, stats=stats)
         self.scaler.unscale_(self.optimizer)
-        _clip_grad_norm(self.model, self.max_grad_norm)
+        clip_grad_norm(self.model, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

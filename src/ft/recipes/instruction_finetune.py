@@ -34,7 +34,7 @@ from ft.recipes.lm_setup import DTYPES, resolve_dtype, resolve_model_source, res
 from ft.training.checkpoint import CheckpointManager
 from ft.training.loss import chunked_cross_entropy_sum, target_positions
 from ft.training.metrics import MetricBag, device_peak_tflops, format_metrics
-from ft.training.optim import build_optimizer, build_scheduler
+from ft.training.optim import build_optimizer, build_scheduler, clip_grad_norm
 from ft.training.progress import TrainingProgress
 
 log = logging.getLogger("ft")
@@ -215,7 +215,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
                                  loss_chunk_size=config.loss_chunk_size, stats=stats)
             lr = optimizer.param_groups[0]["lr"]
             scaler.unscale_(optimizer)
-            grad_norm = _clip_grad_norm(model, config.max_grad_norm)
+            grad_norm = clip_grad_norm(model, config.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -303,37 +303,6 @@ def validate(model, examples, config, gangs: Gangs, autocast, pad_id: int) -> di
 
 def _format(config: InstructionFinetuneConfig) -> str | None:
     return None if config.dataset_format == "auto" else config.dataset_format
-
-
-def _clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-    """Clip to `max_norm` (None: only measure) and return the global gradient norm.
-
-    Under TP, and FSDP x TP, the gradients are a mix of plain tensors (replicated
-    RMSNorm weights under TP alone) and DTensors on different meshes (2-D dp x tp for
-    the projections, the 1-D dp sub-mesh for the norms), which one `clip_grad_norm_`
-    cannot take. Each (mesh, placements) group is reduced on its own mesh, and the
-    scale is applied to the local shards.
-    """
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    groups: dict[Any, list[torch.Tensor]] = {}
-    for grad in grads:
-        key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
-        groups.setdefault(key, []).append(grad)
-    total_sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
-    for key, group in groups.items():
-        norm = torch.nn.utils.get_total_norm(group, 2.0, foreach=True)
-        if isinstance(norm, DTensor):  # a partial norm: reduce it over the shards
-            norm = norm.full_tensor()
-        total_sq += norm.float() ** 2
-    total = total_sq.sqrt()
-    if max_norm is not None and grads:
-        # Without `if coef < 1`: no host sync; multiplying by 1 is harmless.
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-        torch._foreach_mul_(local, coef.to(local[0].dtype))
-    return total
 
 
 def _publish(stats: StepStats, gangs: Gangs, lr: float, peak_tflops, flops_per_token: int, epoch: int) -> dict[str, Any]:

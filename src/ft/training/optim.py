@@ -1,8 +1,10 @@
-"""AdamW and the learning-rate schedule (warm-up, then cosine, linear or constant)."""
+"""AdamW, the learning-rate schedule (warm-up, then cosine, linear or constant) and
+gradient-norm clipping that works on any mix of plain and sharded gradients."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,3 +62,34 @@ def build_scheduler(
         )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Clip to `max_norm` (None: only measure) and return the global gradient norm.
+
+    Under TP, and FSDP x TP, the gradients are a mix of plain tensors (replicated
+    RMSNorm weights under TP alone) and DTensors on different meshes (2-D dp x tp for
+    the projections, the 1-D dp sub-mesh for the norms), which one `clip_grad_norm_`
+    cannot take. Each (mesh, placements) group is reduced on its own mesh, and the
+    scale is applied to the local shards.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for grad in grads:
+        key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+        groups.setdefault(key, []).append(grad)
+    total_sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
+    for key, group in groups.items():
+        norm = torch.nn.utils.get_total_norm(group, 2.0, foreach=True)
+        if isinstance(norm, DTensor):  # a partial norm: reduce it over the shards
+            norm = norm.full_tensor()
+        total_sq += norm.float() ** 2
+    total = total_sq.sqrt()
+    if max_norm is not None and grads:
+        # Without `if coef < 1`: no host sync; multiplying by 1 is harmless.
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        torch._foreach_mul_(local, coef.to(local[0].dtype))
+    return total
