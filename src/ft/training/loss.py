@@ -108,7 +108,9 @@ def _chunk_fn(device: torch.device):
     if device.type != "cuda":
         return _chunk_loss_and_grads
     if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss_and_grads, dynamic=False)
+        # dynamic: the last chunk's length changes with every batch's target count;
+        # static shapes would recompile on each new length.
+        _compiled_chunk = torch.compile(_chunk_loss_and_grads, dynamic=True)
     return _compiled_chunk
 
 
