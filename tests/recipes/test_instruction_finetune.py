@@ -174,3 +174,16 @@ def test_readme_main_command_trains_the_default(tmp_path, user_assets):
     (run_dir,) = (tmp_path / "out").iterdir()
     losses = [m["loss"] for m in read_metrics(run_dir)]
     assert losses[-1] < 0.5 * losses[0], losses
+
+    # Then the tutorial's second step: generate on the held-out split and score it.
+    generated = subprocess.run(
+        [sys.executable, "-m", "ft.cli", "lm", "generate", str(tmp_path / "gen"), "--no-sweep-dir", "--config",
+         f"checkpoint_dir={run_dir / 'checkpoints'}", "model=last_checkpoint", "generator_config.greedy=true"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert "accuracy" in generated.stdout + generated.stderr
+    metrics = json.loads((tmp_path / "gen" / "metrics" / "generate.json").read_text())
+    assert metrics["num_rows"] == 200
+    # An untrained model scores ~0 on the arithmetic rows; the trained one clearly above.
+    assert metrics["accuracy"] > 0.05, metrics
