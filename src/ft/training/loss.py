@@ -88,7 +88,9 @@ def _module_chunk_loss(hidden_CD: torch.Tensor, output: nn.Module, labels_C: tor
 def _chunk_loss_and_grads(
     hidden_CD: torch.Tensor, weight_VD: torch.Tensor, labels_C: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss sum of one chunk and its gradients w.r.t. the chunk's hidden states and the weight."""
+    """Loss sum of one chunk, its gradient w.r.t. the chunk's hidden states, and the
+    gradient w.r.t. its logits (the weight's gradient is accumulated from it outside,
+    in place, so no vocab x dim temporary is made per chunk)."""
     logits_CV = (hidden_CD @ weight_VD.t()).float()
     lse_C = torch.logsumexp(logits_CV, dim=-1)
     loss = (lse_C - logits_CV.gather(1, labels_C[:, None]).squeeze(1)).sum()
@@ -96,7 +98,7 @@ def _chunk_loss_and_grads(
     grad_logits_CV = torch.exp(logits_CV - lse_C[:, None])
     grad_logits_CV.scatter_add_(1, labels_C[:, None], grad_logits_CV.new_full((labels_C.shape[0], 1), -1.0))
     grad_logits_CV = grad_logits_CV.to(hidden_CD.dtype)
-    return loss, grad_logits_CV @ weight_VD, grad_logits_CV.t() @ hidden_CD
+    return loss, grad_logits_CV @ weight_VD, grad_logits_CV
 
 
 _compiled_chunk = None
@@ -119,19 +121,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, chunk_size: int):
-        compute_dtype = hidden_ND.dtype
+        # Under autocast the matmuls run in its dtype; spell it out so the in-place
+        # weight-gradient accumulation (not autocast) runs in it too.
+        device_type = hidden_ND.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden_ND.dtype
+        hidden_ND = hidden_ND.to(compute_dtype)
         weight = weight_VD.to(compute_dtype)
         # fp32 master weights get an fp32 gradient accumulator; bf16 weights keep bf16.
         grad_weight = torch.zeros_like(weight_VD)
-        grad_hidden = torch.empty_like(hidden_ND)
+        grad_hidden = torch.empty_like(hidden_ND)  # in the compute dtype; autograd casts it back
         loss = hidden_ND.new_zeros((), dtype=torch.float32)
         chunk = _chunk_fn(hidden_ND.device)
         for start in range(0, hidden_ND.shape[0], chunk_size):
             end = start + chunk_size
-            loss_c, grad_hidden_c, grad_weight_c = chunk(hidden_ND[start:end], weight, labels_N[start:end])
+            hidden_CD = hidden_ND[start:end]
+            loss_c, grad_hidden_c, grad_logits_CV = chunk(hidden_CD, weight, labels_N[start:end])
             loss += loss_c
             grad_hidden[start:end] = grad_hidden_c
-            grad_weight += grad_weight_c
+            if grad_weight.dtype == grad_logits_CV.dtype:
+                grad_weight.addmm_(grad_logits_CV.t(), hidden_CD)
+            else:  # fp32 master weights, bf16 compute: accumulate in fp32
+                grad_weight += (grad_logits_CV.t() @ hidden_CD).to(grad_weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
