@@ -1,0 +1,68 @@
+"""Where a decoding step's time goes: ft's generator on a llama3_2_1b-shaped model
+(random bf16 weights) at one batch size, profiled with torch.profiler.
+
+    python3 benchmarks/profile_decode.py --batch-size 64 --out prof.txt
+
+CUDA graphs are off here so the profiler sees each kernel; the compiled step is on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from ft.generation import Generator, GeneratorConfig  # noqa: E402
+from ft.models import build_model  # noqa: E402
+
+
+class _Tokenizer:
+    stop_ids: list[int] = []
+    bos_id, eos_id, pad_id = 1, 2, None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--arch", default="llama3_2_1b")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    model = build_model(args.arch, device=device, dtype=torch.bfloat16, seed=0).eval()
+    prompts = torch.randint(0, model.config.vocab_size, (args.batch_size, args.prompt_len)).tolist()
+    lines = []
+    for graphs in (True, False):
+        config = GeneratorConfig(greedy=True, max_gen_len=args.new_tokens, batch_size=args.batch_size,
+                                 cuda_graphs=graphs, compile=True)
+        generator = Generator(model, _Tokenizer(), config, stop_ids=())
+        generator(prompts)  # warm-up: compile, capture
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        generator(prompts)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        lines.append(f"cuda_graphs={graphs}: {args.batch_size * args.new_tokens / seconds:,.0f} tokens/s "
+                     f"({seconds / args.new_tokens * 1e3:.2f} ms per step incl. prefill)")
+        if not graphs:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                generator(prompts)
+                torch.cuda.synchronize()
+            lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=35, max_name_column_width=90))
+    text = "\n".join(lines)
+    args.out.write_text(text)
+    print(text[:6000])
+
+
+if __name__ == "__main__":
+    main()
