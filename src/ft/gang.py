@@ -121,8 +121,9 @@ class Gangs:
     def __enter__(self) -> "Gangs":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        teardown_gangs(self)
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # After an error another rank may be stuck in a collective: do not wait for it.
+        teardown_gangs(self, synchronize=exc_type is None)
 
 
 # ---------------------------------------------------------------------------------
@@ -348,9 +349,14 @@ def setup_gangs(
     return gangs
 
 
-def teardown_gangs(gangs: Gangs) -> None:
-    """Destroy the process group `setup_gangs` created (no-op for one process)."""
+def teardown_gangs(gangs: Gangs, *, synchronize: bool = False) -> None:
+    """Destroy the process group `setup_gangs` created (no-op for one process).
+
+    `synchronize` first waits for every rank: a rank that destroys the group while a
+    peer still finishes its last collective can abort the peer (gloo)."""
     if gangs.owns_process_group and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
     gangs.owns_process_group = False
 

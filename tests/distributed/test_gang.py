@@ -107,7 +107,7 @@ def _collectives(rank: int, tp: int, replicas: int) -> None:
         assert gangs.tp.broadcast_object(f"from {rank}", src=1 if tp > 1 else 0) == f"from {(rank // tp) * tp + (1 if tp > 1 else 0)}"
         gangs.root.barrier()
     finally:
-        teardown_gangs(gangs)
+        teardown_gangs(gangs, synchronize=False)
     assert not torch.distributed.is_initialized()
 
 

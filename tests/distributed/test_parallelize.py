@@ -141,6 +141,7 @@ def _train_and_compare(rank: int, case: Case) -> None:
                 torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=name)
         else:
             assert exported == {}
+        gangs.root.barrier()  # let every rank finish its collectives before teardown
     finally:
         teardown_gangs(gangs)
 

@@ -48,6 +48,7 @@ def _worker(rank: int, world: int, port: int, directory: str, arch: str) -> None
         source = build_model(arch, device="cpu", seed=0)
         for (name, p), q in zip(model.named_parameters(), source.parameters()):
             assert torch.equal(p.full_tensor(), q), name
+        dist.barrier()  # every rank done with its collectives before the group goes
     finally:
         dist.destroy_process_group()
 

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ft.data import PromptRow, read_prompts
 from ft.errors import CheckpointError, ConfigError
-from ft.gang import Gang, Gangs, setup_gangs, teardown_gangs
+from ft.gang import Gang, Gangs, setup_gangs
 from ft.generation import Generation, GenerateStats, GeneratorConfig, ScoreSummary, generate
 from ft.models import build_model
 from ft.models.llama.checkpoint import load_checkpoint
@@ -65,11 +65,9 @@ class GenerateConfig:
 def run_generate(config: GenerateConfig, output_dir: Path) -> int:
     config.generator_config.validate()
     gangs = setup_gangs(device=config.device, tensor_parallel_size=config.tensor_parallel_size)
-    try:
+    with gangs:  # tears the process group down, waiting for all ranks on success
         setup_run_logging(output_dir, gangs.root.rank)
         return _generate(config, output_dir, gangs)
-    finally:
-        teardown_gangs(gangs)
 
 
 def _generate(config: GenerateConfig, output_dir: Path, gangs: Gangs) -> int:

@@ -23,7 +23,7 @@ import torch
 from ft.config import config_to_dict
 from ft.data import BatchReader, iter_validation_batches, read_examples
 from ft.errors import ConfigError, DataError
-from ft.gang import Gangs, setup_gangs, teardown_gangs
+from ft.gang import Gangs, setup_gangs
 from ft.models import build_model, model_flops_per_token
 from ft.models.llama.checkpoint import load_checkpoint
 from ft.models.llama.hf import save_hf_state_dict
@@ -45,11 +45,9 @@ def run_instruction_finetune(config: InstructionFinetuneConfig, output_dir: Path
     gangs = setup_gangs(
         device=config.device, tensor_parallel_size=config.tensor_parallel_size, replicas=config.fsdp_replicas
     )
-    try:
+    with gangs:  # tears the process group down, waiting for all ranks on success
         setup_run_logging(output_dir, gangs.root.rank)
         return train(config, output_dir, gangs)
-    finally:
-        teardown_gangs(gangs)
 
 
 def check_config(config: InstructionFinetuneConfig) -> None:
