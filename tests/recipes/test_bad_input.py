@@ -71,13 +71,13 @@ def test_missing_dataset_path(trained, tmp_path, capsys):
 
 
 def test_examples_longer_than_max_seq_len(tmp_path, user_assets, capsys):
-    long_row = {"src": "count: " + " ".join(str(i) for i in range(200)), "tgt": "done"}
+    long_row = {"src": "Count to two hundred.", "tgt": " ".join(str(i) for i in range(200))}
     data = write_jsonl(tmp_path / "long.jsonl", [long_row] * 4)
     message = bad_run(tmp_path / "dropped", capsys, f"dataset={data}", "max_num_steps=1")
     assert "longer than max_seq_len" in message
-    # Truncating keeps the start of each example; with no target left, they go too.
-    assert run_finetune(tmp_path / "kept", f"dataset={data}", "max_num_steps=1", "max_seq_len=512",
-                        "max_num_tokens=512") == 0
+    # Truncated instead, each keeps its prompt and the start of its answer, and trains.
+    assert run_finetune(tmp_path / "kept", f"dataset={data}", "max_num_steps=1", "example_too_long=truncate") == 0
+    assert "4 truncated to max_seq_len" in (tmp_path / "kept" / "logs" / "rank_0.log").read_text()
 
 
 def test_unknown_card(trained, capsys):
