@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -102,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return command.run(args) or 0
+        code = command.run(args) or 0
+        _exit_now_if_distributed(code)
+        return code
     except FtError as error:
         if args.debug:
             raise
@@ -111,6 +114,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_now_if_distributed(code: int) -> None:
+    """End a process that ran a process group without interpreter finalization.
+
+    Under load, gloo's threads occasionally abort the C++ static destructors of a
+    process whose work is complete ("terminate called without an active exception"),
+    which would turn a finished multi-process run into a failed one. Everything the
+    run wrote is closed by now; flush what is buffered and leave.
+    """
+    from ft.gang import process_group_was_used
+
+    if process_group_was_used():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

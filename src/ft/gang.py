@@ -321,6 +321,8 @@ def setup_gangs(
             timeout=timeout,
         )
         owns = True
+        global _process_group_used
+        _process_group_used = True
     elif dist.get_world_size() != launch.world_size:
         raise RuntimeError(
             f"torch.distributed is already initialised with {dist.get_world_size()} processes, "
@@ -347,6 +349,14 @@ def setup_gangs(
     )
     gangs.dp, gangs.tp = gang(gangs.dp_mesh_1d), gang(gangs.tp_mesh)
     return gangs
+
+
+_process_group_used = False
+
+
+def process_group_was_used() -> bool:
+    """Whether this process set up a multi-process gang (see `ft.cli`'s exit)."""
+    return _process_group_used
 
 
 def teardown_gangs(gangs: Gangs, *, synchronize: bool = False) -> None:

@@ -8,7 +8,9 @@ process's traceback; a hang fails it after `timeout` seconds.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 import socket
 import time
 from typing import Any, Callable
@@ -30,7 +32,15 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, args:
     )
     # 2-4 processes share 2 cores: one thread each avoids oversubscription stalls.
     torch.set_num_threads(1)
+    # A native abort (gloo) then shows where Python was.
+    faulthandler.enable(all_threads=True)
     fn(rank, *args)
+    # Skip interpreter finalization: under CPU load, gloo's threads occasionally abort
+    # the C++ static destructors of a process whose work is done ("terminate called
+    # without an active exception", no Python frame). The test's outcome is already known.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> None:

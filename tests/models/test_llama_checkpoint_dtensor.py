@@ -51,6 +51,8 @@ def _worker(rank: int, world: int, port: int, directory: str, arch: str) -> None
         dist.barrier()  # every rank done with its collectives before the group goes
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalization, where gloo's threads occasionally abort under load.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("arch", ["llama_debug", "llama_debug_tied"])
