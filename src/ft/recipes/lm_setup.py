@@ -17,7 +17,7 @@ import torch
 from ft.errors import ConfigError, FtError
 from ft.models import model_config_from_card
 from ft.models.llama.checkpoint import read_checkpoint_config
-from ft.models.llama.model import LlamaConfig, get_llama_arch
+from ft.models.llama.model import LlamaConfig
 from ft.training.checkpoint import resolve_model_checkpoint
 
 log = logging.getLogger("ft")
@@ -83,10 +83,6 @@ def resolve_tokenizer(tokenizer: str | None, source: ModelSource):
         directory = source.checkpoint if source.checkpoint.is_dir() else source.checkpoint.parent
         return load_tokenizer(str(directory))
     raise ConfigError("config key 'tokenizer': no tokenizer given and the model names none")
-
-
-def arch_name_or_config(name: str) -> LlamaConfig:
-    return get_llama_arch(name)
 
 
 def setup_run_logging(output_dir: Path, rank: int) -> Path:

@@ -24,13 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ft.errors import CheckpointError
 
@@ -194,12 +188,3 @@ class CheckpointManager:
         for step, path in steps.items():
             if not has_trainer_state(path) and not has_model(path):
                 shutil.rmtree(path)
-
-
-def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load full (unsharded) weights into a possibly sharded model."""
-    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
-
-
-def model_state_for_export(model: nn.Module) -> dict[str, torch.Tensor]:
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
