@@ -1,0 +1,1 @@
+"""Training building blocks the recipes share: loss, optimizer and schedule, checkpoints, metrics, progress."""
