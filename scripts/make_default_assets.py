@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Make ft's embedded default assets: a synthetic instruction dataset and its tokenizer.
+"""Make ft's embedded default assets: a synthetic instruction dataset, its tokenizer and the tiny model.
 
     python scripts/make_default_assets.py [--out-dir src/ft/assets/default]
 
