@@ -187,3 +187,14 @@ def test_readme_main_command_trains_the_default(tmp_path, user_assets):
     assert metrics["num_rows"] == 200
     # An untrained model scores ~0 on the arithmetic rows; the trained one clearly above.
     assert metrics["accuracy"] > 0.05, metrics
+
+
+@pytest.mark.parametrize("precision", [["dtype=float16"], ["dtype=bfloat16", "mixed_precision=false"]])
+def test_reduced_precision_runs(tmp_path, user_assets, precision):
+    out = tmp_path / "run"
+    assert run_finetune(out, "max_num_steps=3", *precision) == 0
+    losses = [m["loss"] for m in read_metrics(out)]
+    assert all(0 < loss < 20 for loss in losses) and losses[-1] < losses[0]
+    extra = torch.load(out / "checkpoints" / "step_3" / "trainer" / "extra.pt", weights_only=False)
+    # float16 trains through a gradient scaler whose state is checkpointed.
+    assert bool(extra["scaler"]) == (precision == ["dtype=float16"])
