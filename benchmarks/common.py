@@ -50,8 +50,7 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
 import torch  # noqa: E402
 
 from ft.gang import Gangs  # noqa: E402
-from ft.recipes.instruction_finetune import StepStats, accumulate_gradients  # noqa: E402
-from ft.training.optim import clip_grad_norm  # noqa: E402
+from ft.recipes.instruction_finetune import StepStats, accumulate_gradients, optimizer_step  # noqa: E402
 from ft.training.metrics import device_peak_tflops  # noqa: E402
 from ft.training.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -320,12 +319,7 @@ class FtTrainer:
         stats = StepStats(loss_sum=torch.zeros((), device=self.gangs.device))
         accumulate_gradients(self.model, batches, gangs=self.gangs, autocast=self.autocast, scaler=self.scaler,
                              loss_chunk_size=self.loss_chunk_size, stats=stats)
-        self.scaler.unscale_(self.optimizer)
-        clip_grad_norm(self.model, self.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, max_grad_norm=self.max_grad_norm)
         return stats.loss_sum
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -78,45 +79,70 @@ def _looks_like_path(name: str) -> bool:
     return os.sep in name or "/" in name or name.startswith((".", "~")) or Path(name).exists()
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: its config and the checkpoint holding its weights."""
+
+    description: str
+    config: LlamaConfig
+    checkpoint: Path | None  # None: the card names an arch but no weights
+    card_name: str | None = None
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> ModelSource:
+    """A model card name or a checkpoint path -> its config and checkpoint, without loading.
+
+    Paths: an HF safetensors dir (config from its config.json), a Meta dir or
+    `consolidated.NN.pth` (config from params.json), or an ft step dir. A card's
+    config comes from `model_arch` + `model_config`, else from its checkpoint.
+    """
+    if isinstance(name_or_path, os.PathLike) or _looks_like_path(str(name_or_path)):
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"model checkpoint {path} does not exist")
+        return ModelSource(str(path), read_checkpoint_config(path), path)
+    from ft.assets import load_card
+
+    card = load_card(str(name_or_path))
+    config = model_config_from_card(card)
+    checkpoint = card.path("checkpoint") if card.get("checkpoint") is not None else None
+    if config is None:
+        if checkpoint is None:
+            raise AssetError(f"card {card.name!r} names neither a model_arch nor a checkpoint")
+        config = read_checkpoint_config(checkpoint)
+    description = f"card {card.name!r}" + (f" ({checkpoint})" if checkpoint is not None else "")
+    return ModelSource(description, config, checkpoint, card_name=card.name)
+
+
+def require_checkpoint(source: ModelSource) -> Path:
+    """The checkpoint of `source`, or a clear error for a card that names only an arch."""
+    if source.checkpoint is None:
+        raise AssetError(
+            f"{source.description} has no checkpoint to load weights from; add `checkpoint:` to the card, "
+            f"overlay it with '{source.card_name}@user', or use build_model() for a randomly initialised model"
+        )
+    return source.checkpoint
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Llama:
-    """A `Llama` with weights, from a model card name or a checkpoint path.
-
-    Paths: an HF safetensors dir (config from its config.json), a Meta dir or
-    `consolidated.NN.pth` (config from params.json), or an ft step dir. `device`
-    defaults to CPU, `dtype` to the dtype the checkpoint is stored in. The model is
-    built on meta and each tensor is read straight into its final storage.
+    """A `Llama` with weights, from a model card name or a checkpoint path (see
+    `resolve_model`). `device` defaults to CPU, `dtype` to the dtype the checkpoint is
+    stored in. The model is built on meta and each tensor is read straight into its
+    final storage.
     """
-    config: LlamaConfig | None = None
-    if isinstance(name_or_path, os.PathLike) or _looks_like_path(str(name_or_path)):
-        path = Path(name_or_path).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"model checkpoint {path} does not exist")
-        source = str(path)
-    else:
-        from ft.assets import load_card
-
-        card = load_card(str(name_or_path))
-        config = model_config_from_card(card)
-        if card.get("checkpoint") is None:
-            raise AssetError(
-                f"card {card.name!r} has no checkpoint to load weights from; "
-                f"use build_model({card.get('model_arch')!r}) for a randomly initialised model"
-            )
-        path = card.path("checkpoint")
-        source = f"card {card.name!r} ({path})"
-    if config is None:
-        config = read_checkpoint_config(path)
+    source = resolve_model(name_or_path)
+    path = require_checkpoint(source)
     if dtype is None:
         dtype = checkpoint_dtype(path)
     device = torch.device(device or "cpu")
-    log.info("loading Llama from %s onto %s as %s", source, device, dtype)
+    log.info("loading Llama from %s onto %s as %s", source.description, device, dtype)
     with torch.device("meta"):
-        model = Llama(config)
+        model = Llama(source.config)
     model.to(dtype)
     model.to_empty(device=device)
     model.reset_buffers()
@@ -136,9 +162,12 @@ __all__ = [
     "LLAMA_ARCHS",
     "Llama",
     "LlamaConfig",
+    "ModelSource",
     "build_model",
     "get_llama_arch",
     "load_model",
     "model_config_from_card",
     "model_flops_per_token",
+    "require_checkpoint",
+    "resolve_model",
 ]

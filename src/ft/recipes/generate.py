@@ -32,12 +32,12 @@ from ft.data import PromptRow, read_prompts
 from ft.errors import CheckpointError, ConfigError
 from ft.gang import Gang, Gangs, setup_gangs
 from ft.generation import Generation, GenerateStats, GeneratorConfig, ScoreSummary, generate
-from ft.models import build_model
+from ft.models import ModelSource, build_model
 from ft.models.llama.checkpoint import load_checkpoint
 from ft.models.llama.model import Llama
 from ft.models.llama.parallelize import check_parallel_layout, parallelize_llama
 from ft.recipes.cli_support import recipe_command
-from ft.recipes.lm_setup import ModelSource, resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
+from ft.recipes.lm_setup import resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
 
 log = logging.getLogger("ft")
 
@@ -137,8 +137,7 @@ def _load_model(source: ModelSource, gangs: Gangs, dtype: torch.dtype) -> Llama:
     model = parallelize_llama(model, dataclasses.replace(gangs, dp=Gang(0, 1, None)))
     model.to_empty(device=gangs.device)
     model.reset_buffers()
-    assert source.checkpoint is not None
-    load_checkpoint(model, source.checkpoint)
+    load_checkpoint(model, source.checkpoint)  # checked in _generate
     return model.eval()
 
 

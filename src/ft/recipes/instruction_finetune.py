@@ -22,7 +22,7 @@ import torch
 
 from ft.config import config_to_dict
 from ft.data import BatchReader, iter_validation_batches, read_examples
-from ft.errors import ConfigError, DataError
+from ft.errors import ConfigError
 from ft.gang import Gangs, setup_gangs
 from ft.models import build_model, model_flops_per_token
 from ft.models.llama.checkpoint import load_checkpoint
@@ -69,8 +69,6 @@ def check_config(config: InstructionFinetuneConfig) -> None:
     if config.data_parallelism == "ddp" and config.fsdp_replicas > 1:
         raise ConfigError(f"config key 'fsdp_replicas' ({config.fsdp_replicas}) needs data_parallelism=fsdp "
                           f"(HSDP shards within replicas); DDP replicates over all ranks: use fsdp_replicas=1")
-    if config.resume_checkpoint_dir is None and config.model.startswith(("last_checkpoint", "checkpoint_step_")):
-        raise ConfigError(f"config key 'model': {config.model!r} needs resume_checkpoint_dir")
 
 
 @dataclasses.dataclass
@@ -106,9 +104,6 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         on_too_long=config.example_too_long, skip_malformed=config.skip_malformed_lines,
     )
     log.info("train data (%s): %s", train_examples.source.description, train_examples.stats.summary())
-    if not train_examples:
-        raise DataError(f"dataset {config.dataset!r} split {config.train_split!r} has no usable examples: "
-                        f"{train_examples.stats.summary()}")
     valid_examples = None
     if config.validate_every_n_steps is not None:
         valid_examples = read_examples(
@@ -212,12 +207,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             accumulate_gradients(model, batches, gangs=gangs, autocast=autocast, scaler=scaler,
                                  loss_chunk_size=config.loss_chunk_size, stats=stats)
             lr = optimizer.param_groups[0]["lr"]
-            scaler.unscale_(optimizer)
-            grad_norm = clip_grad_norm(model, config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            grad_norm = optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm=config.max_grad_norm)
             step += 1
             stats.steps += 1
             progress.advance(step)
@@ -278,6 +268,17 @@ def accumulate_gradients(model, batches, *, gangs: Gangs, autocast, scaler, loss
         stats.examples += batch.num_examples
 
 
+def optimizer_step(model, optimizer, scheduler, scaler, *, max_grad_norm: float | None) -> torch.Tensor:
+    """Unscale, clip, step, schedule; returns the gradient norm before clipping (on device)."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm(model, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm
+
+
 def validate(model, examples, config, gangs: Gangs, autocast, pad_id: int) -> dict[str, Any]:
     """Mean loss per target token over the validation split."""
     model.eval()
@@ -287,11 +288,12 @@ def validate(model, examples, config, gangs: Gangs, autocast, pad_id: int) -> di
         for batch in iter_validation_batches(examples, max_seq_len=config.max_seq_len,
                                              max_num_tokens=config.max_num_tokens, packing=config.packing,
                                              dp_size=gangs.dp.size, dp_rank=gangs.dp.rank, pad_id=pad_id):
+            target_index_N = target_positions(batch.labels_BT).to(gangs.device, non_blocking=True)
             batch = batch.to(gangs.device)
             hidden = model(batch.tokens_BT, positions_BT=batch.positions_BT, document_ids_BT=batch.document_ids_BT,
                            return_hidden=True)
             loss_sum += chunked_cross_entropy_sum(hidden, model.lm_head, batch.labels_BT,
-                                                  chunk_size=config.loss_chunk_size)
+                                                  chunk_size=config.loss_chunk_size, target_index_N=target_index_N)
             targets += batch.num_target_tokens
     gangs.dp.all_reduce(loss_sum)
     gangs.dp.all_reduce(targets)

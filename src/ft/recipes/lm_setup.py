@@ -8,16 +8,13 @@ config names, run logging.
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ft.errors import ConfigError, FtError
-from ft.models import model_config_from_card
+from ft.errors import ConfigError
+from ft.models import ModelSource, resolve_model
 from ft.models.llama.checkpoint import read_checkpoint_config
-from ft.models.llama.model import LlamaConfig
 from ft.training.checkpoint import resolve_model_checkpoint
 
 log = logging.getLogger("ft")
@@ -34,16 +31,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ConfigError(f"config key 'dtype': unknown dtype {name!r}; known: auto, {', '.join(DTYPES)}") from None
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a recipe's model comes from."""
-
-    description: str
-    config: LlamaConfig
-    checkpoint: Path | None  # None: random initialisation
-    card_name: str | None = None
-
-
 def resolve_model_source(model: str, *, checkpoint_dir: str | None = None) -> ModelSource:
     """The model a config names: a card, a checkpoint path, or a step of `checkpoint_dir`."""
     if checkpoint_dir is not None:
@@ -54,21 +41,7 @@ def resolve_model_source(model: str, *, checkpoint_dir: str | None = None) -> Mo
             f"config key 'model': {model!r} names a checkpoint of an earlier run; "
             f"also set resume_checkpoint_dir (instruction_finetune) or checkpoint_dir (generate)"
         )
-    path = Path(model).expanduser()
-    if os.sep in model or path.exists():
-        if not path.exists():
-            raise FtError(f"config key 'model': checkpoint path {path} does not exist")
-        return ModelSource(str(path), read_checkpoint_config(path), path)
-    from ft.assets import load_card
-
-    card = load_card(model)
-    config = model_config_from_card(card)
-    checkpoint = card.path("checkpoint") if card.get("checkpoint") else None
-    if config is None:
-        if checkpoint is None:
-            raise FtError(f"card {card.name!r} names neither a model_arch nor a checkpoint")
-        config = read_checkpoint_config(checkpoint)
-    return ModelSource(f"card {card.name!r}", config, checkpoint, card_name=card.name)
+    return resolve_model(model)
 
 
 def resolve_tokenizer(tokenizer: str | None, source: ModelSource):
