@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # Runs the training-speed benchmarks for one device call, under a hard time budget.
 #
-#   benchmarks/run_all_gpu.sh OUT_DIR [single|multi|multi-d|multi-5] [BUDGET_S]
+#   benchmarks/run_all_gpu.sh OUT_DIR [single|multi|multi-d|multi-1b] [BUDGET_S]
 #
 #   single   one GPU: workloads a, b, c of train_throughput.py (ft and HF side by side)
-#   multi    several GPUs: workload d (8B FSDP2, seq 8192) and issue 5's 1B FSDP / TP runs
-#   multi-d / multi-5   one half of `multi`
+#   multi    several GPUs: workload d (8B FSDP2, seq 8192) and the 1B FSDP / TP layouts
+#   multi-d / multi-1b   one half of `multi`
 #
 # Every run gets `timeout` (the smaller of its own limit and what is left of BUDGET_S,
 # default 570 s) and a matching --budget-s, so a slow variant is skipped, never the
 # whole call; a failure is logged and the next run starts. All JSON, logs and a
 # summary (summary.txt, printed last) go to OUT_DIR. Set GSM8K=path/to/train.jsonl
-# (default: benchmarks/data/gsm8k_train.jsonl, else /work/shared/data/gsm8k/train.jsonl)
+# (default: benchmarks/data/gsm8k_train.jsonl, else shared/data/gsm8k/train.jsonl)
 # and PYTHON (default python3). WORKLOADS="a c" limits `single` to those workloads. BENCH_EXTRA_ARGS is appended to every benchmark
 # command and NGPUS overrides the GPU count: `NGPUS=2 BENCH_EXTRA_ARGS="--device cpu
 # --tiny" run_all_gpu.sh OUT multi` smoke-tests this script on a CPU machine.
 set -u
-OUT=${1:?usage: run_all_gpu.sh OUT_DIR [single|multi|multi-d|multi-5] [BUDGET_S]}
+OUT=${1:?usage: run_all_gpu.sh OUT_DIR [single|multi|multi-d|multi-1b] [BUDGET_S]}
 SECTION=${2:-single}
 BUDGET=${3:-570}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -26,7 +26,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$ROOT" || exit 1
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
-# NVLink multicast stays off on the lent machines (KINDS.md): keep these set for every child.
+# NVLink multicast stays off (on a shared host it can take the GPUs out of service): keep
+# these set for every child.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -34,7 +35,7 @@ STATUS="$OUT/status.txt"
 : > "$STATUS"
 
 if [ -z "${GSM8K:-}" ]; then
-  for candidate in benchmarks/data/gsm8k_train.jsonl /work/shared/data/gsm8k/train.jsonl ../shared/data/gsm8k/train.jsonl; do
+  for candidate in benchmarks/data/gsm8k_train.jsonl shared/data/gsm8k/train.jsonl ../shared/data/gsm8k/train.jsonl; do
     if [ -f "$candidate" ]; then GSM8K=$candidate; break; fi
   done
 fi
@@ -91,14 +92,14 @@ multi_d() {
   fi
 }
 
-issue5() {  # issue5 PARALLEL N [CUDA_VISIBLE_DEVICES]
+layout_1b() {  # layout_1b PARALLEL N [CUDA_VISIBLE_DEVICES]: llama3_2_1b shape, eager, FSDP or TP
   local parallel=$1 n=$2 devices=${3:-}
   local args=(--arch llama3_2_1b --seq-len 2048 --batch-size 4 --parallel "$parallel" --precision mixed --ac none
-              --no-compile --warmup 3 --steps 10 --out "$OUT/i5_${parallel}_${n}gpu.json")
+              --no-compile --warmup 3 --steps 10 --out "$OUT/${parallel}_1b_${n}gpu.json")
   if [ -n "$devices" ]; then
-    CUDA_VISIBLE_DEVICES=$devices run "i5_${parallel}_${n}gpu" 120 "${TORCHRUN[@]}" --nproc-per-node "$n" "$FSDP" "${args[@]}"
+    CUDA_VISIBLE_DEVICES=$devices run "${parallel}_1b_${n}gpu" 120 "${TORCHRUN[@]}" --nproc-per-node "$n" "$FSDP" "${args[@]}"
   else
-    run "i5_${parallel}_${n}gpu" 120 "${TORCHRUN[@]}" --nproc-per-node "$n" "$FSDP" "${args[@]}"
+    run "${parallel}_1b_${n}gpu" 120 "${TORCHRUN[@]}" --nproc-per-node "$n" "$FSDP" "${args[@]}"
   fi
 }
 
@@ -107,31 +108,31 @@ multi() {
   nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
   nvidia-smi topo -m > "$OUT/nvidia-smi-topo.txt" 2>&1
   echo "GPUs: $g"
-  if [ "$1" != "5" ]; then
+  if [ "$1" != "1b" ]; then
     [ "$g" -ge 2 ] && multi_d 2
     [ "$g" -ge 4 ] && multi_d 4
   fi
   if [ "$1" != "d" ]; then
     if [ "$g" -ge 4 ]; then
       # The two 2-GPU runs on disjoint GPU pairs at once: they share only host CPUs (plenty).
-      issue5 fsdp 2 0,1 & issue5 tp 2 2,3 & wait
-      issue5 fsdp 4
-      issue5 tp 4
+      layout_1b fsdp 2 0,1 & layout_1b tp 2 2,3 & wait
+      layout_1b fsdp 4
+      layout_1b tp 4
     elif [ "$g" -ge 2 ]; then
-      issue5 fsdp 2
-      issue5 tp 2
+      layout_1b fsdp 2
+      layout_1b tp 2
     fi
-    issue5 fsdp 1
+    layout_1b fsdp 1
   fi
-  [ "$1" != "5" ] && multi_d 1
+  [ "$1" != "1b" ] && multi_d 1
 }
 
 case "$SECTION" in
   single) single ;;
   multi) multi all ;;
   multi-d) multi d ;;
-  multi-5) multi 5 ;;
-  *) echo "unknown section $SECTION: use single, multi, multi-d or multi-5" >&2; exit 2 ;;
+  multi-1b) multi 1b ;;
+  *) echo "unknown section $SECTION: use single, multi, multi-d or multi-1b" >&2; exit 2 ;;
 esac
 
 # A short table last: the device call returns the end of the output.
