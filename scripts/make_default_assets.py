@@ -3,22 +3,28 @@
 
     python scripts/make_default_assets.py [--out-dir src/ft/assets/default]
 
-Writes, deterministically (fixed seed; the same bytes on every run):
+Writes, from one fixed seed (`SEED`), everything the `ft_tiny` and `ft_default_sft`
+cards in `src/ft/assets/cards/default.yaml` point at, then prints a sha256 prefix and
+the size of every file written:
 
 - sft/{train,valid,test}/data.jsonl: fairseq2-layout rows `{"src": ..., "tgt": ...}`
-  (3000 / 200 / 200) of small tasks a ~1M-parameter model learns in a few hundred
-  steps: two-number addition and subtraction, word reversal, sorting, copying,
-  upper-casing, counting and next-number. Arithmetic and counting answers end with
-  GSM8K's final line `#### <answer>`, so `ft lm generate`'s GSM8K scorer grades them.
-  `src` ends with "\\n"; `tgt` is the answer alone (the data pipeline adds BOS/EOS).
-- tokenizer.model: a SentencePiece BPE model trained on that text, in Llama 2's
-  layout: vocab_size 1024, unk 0 (`<unk>`), bos 1 (`<s>`), eos 2 (`</s>`), no pad
-  (pad_id -1: padding is masked by the data pipeline, any id will do), byte
-  fallback so any text encodes, digits split, no normalization. Its
-  `tokenizer_family` is `llama2` (Llama 2 chat template).
-
-`make_default_model(out_dir)` is the hook where the tiny model's weights are
-written (not done here).
+  (3000 / 200 / 200, no `src` shared between splits) of ten small tasks a ~1M-parameter
+  model learns in a few hundred steps: two-number addition and subtraction, a one-line
+  word problem, counting words, next number, and word reversal, sorting, copying,
+  upper-casing and spelling. The arithmetic, word-problem, counting and next-number
+  answers end with GSM8K's final line `#### <answer>`, so `ft lm generate`'s GSM8K
+  scorer grades them. `src` ends with "\\n"; `tgt` is the answer alone (the data
+  pipeline adds BOS/EOS).
+- tokenizer.model: a SentencePiece BPE model trained on that text plus the Llama 2
+  chat markers and the word list in three casings, in Llama 2's layout: vocab_size
+  1024, unk 0 (`<unk>`), bos 1 (`<s>`), eos 2 (`</s>`), no pad (pad_id -1: padding
+  is masked by the data pipeline, any id will do), byte fallback so any text
+  encodes, digits split, no normalization. Its `tokenizer_family` is `llama2`
+  (Llama 2 chat template). Trained on one thread without sampling, so the bytes are
+  the same on every run.
+- model/: the tiny model (arch `ft_tiny`, random init from `SEED`) in the Hugging
+  Face layout: bf16 `model.safetensors`, `config.json`, `generation_config.json` and
+  the tokenizer files, so the default card loads with ft and with transformers alike.
 """
 
 from __future__ import annotations
