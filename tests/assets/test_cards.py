@@ -75,9 +75,13 @@ def test_duplicate_names_in_one_directory_name_both_files(dirs):
 
 def test_same_name_in_two_directories_is_not_an_error(dirs):
     user, system = dirs
-    (system / "a.yaml").write_text("name: same\n")
-    (user / "a.yaml").write_text("name: same\n")
-    load_card("same")
+    (system / "a.yaml").write_text("name: same\nmodel_arch: from_system\ncheckpoint: sys_ckpt\n")
+    (user / "a.yaml").write_text("name: same\nmodel_arch: from_user\n")
+    card = load_card("same")
+    # The user's card replaces the system one whole (no merge: that is what `@user` is for).
+    assert card.get("model_arch") == "from_user"
+    assert card.get("checkpoint") is None
+    assert [source.file for source in card.sources] == [user / "a.yaml"]
 
 
 def test_base_cycle(dirs):
