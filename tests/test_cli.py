@@ -14,7 +14,7 @@ FROZEN_VERBS = {
     "assets": ["list", "show"],
 }
 
-# The recipe flags users type (DESIGN.md); renaming one breaks their scripts.
+# The recipe flags users type; renaming one breaks their scripts.
 FROZEN_RECIPE_FLAGS = {"--config", "--config-file", "--dump-config", "--no-sweep-dir", "--debug"}
 
 
@@ -49,7 +49,7 @@ def test_help_lists_groups_and_commands():
 def test_unknown_config_key_exits_2_naming_the_key(tmp_path):
     result = run_ft("lm", "instruction_finetune", str(tmp_path / "x"), "--config", "no_such_key=1")
     assert result.returncode == 2
-    assert "no_such_key" in result.stderr
+    assert "unknown config key 'no_such_key'" in result.stderr and "--config" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
 
@@ -57,6 +57,8 @@ def test_unknown_config_key_exits_2_naming_the_key(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = run_ft("lm", "instruction_finetune", str(tmp_path / "x"), "--debug", "--config", "no_such_key=1")
     assert result.returncode != 0 and "Traceback" in result.stderr
+    assert "ConfigError" in result.stderr and "unknown config key 'no_such_key'" in result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_dump_config_feeds_back(tmp_path):
@@ -65,6 +67,7 @@ def test_dump_config_feeds_back(tmp_path):
     config_file = tmp_path / "c.yaml"
     config_file.write_text(result.stdout)
     again = run_ft("lm", "instruction_finetune", str(tmp_path / "x"), "--dump-config", "--config-file", str(config_file))
+    assert again.returncode == 0, again.stderr
     assert again.stdout == result.stdout
     assert "max_num_tokens: 4096" in result.stdout
 
@@ -96,8 +99,13 @@ def test_unknown_card_is_a_clean_error():
     result = run_ft("assets", "show", "no_such_card")
     assert result.returncode == 1
     assert "no asset card named 'no_such_card'" in result.stderr and "Traceback" not in result.stderr
+    assert "ft assets list" in result.stderr  # says where the known names are
 
 
 @pytest.mark.parametrize("argv", [[], ["lm"]])
 def test_bare_groups_print_help(argv, capsys):
     assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ft" + (" lm" if argv else ""))
+    names = ["instruction_finetune", "generate"] if argv else list(FROZEN_VERBS)
+    assert all(name in out for name in names), out
