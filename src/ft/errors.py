@@ -28,3 +28,21 @@ class DataError(FtError):
 
 class CheckpointError(FtError):
     """A checkpoint that is missing, incomplete or does not fit the model."""
+
+
+class CheckpointDamagedError(CheckpointError):
+    """A checkpoint ft wrote whose files no longer match its manifest, or which ft cannot prove it wrote."""
+
+
+class OutputDirError(FtError):
+    """An output directory that cannot be created or written: under a file, read-only, full."""
+
+
+class RunLockedError(FtError):
+    """Another process is running on the same output directory."""
+
+
+# Exit codes a wrapper script can rely on (documented in docs/promises.md).
+EXIT_OK = 0
+EXIT_STOPPED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: re-run to resume (EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # a second signal stopped the run at once; the newest complete checkpoint is intact
