@@ -1,20 +1,29 @@
-"""Training checkpoints: OUT/checkpoints/step_N/, atomic, sharded, prunable.
+"""Training checkpoints: OUT/checkpoints/step_N/, atomic, verified, prunable.
 
 A step directory holds
   - `trainer/`: model and optimizer state saved with torch.distributed.checkpoint
-    (so a run resumes on a different number of processes or layout), plus
-    `extra.pt` (step, scheduler, data reader, grad scaler, RNG) and `model_config.json`;
+    (so a run resumes on a different number of processes or layout), plus ft's own
+    state (step, scheduler, data reader, grad scaler, RNG) as `extra.json` and
+    `extra.safetensors`, and `model_config.json`;
   - the consolidated model in the Hugging Face layout (`*.safetensors`, `config.json`,
-    tokenizer files), loadable by transformers and vLLM as it is.
-Everything is written to `step_N.tmp/` and renamed when complete, so a crash never
-leaves a half checkpoint that looks whole; leftover `.tmp` directories are removed
-at the next start.
+    tokenizer files), loadable by transformers and vLLM as it is;
+  - `ft-manifest.json`: every file above with its size and sha256 (see manifest.py).
+Everything is written to `step_N.tmp/`, fsynced, listed in the manifest and renamed
+when complete, so a crash or power loss never leaves a half checkpoint that looks
+whole. Resuming verifies the newest trainer state against its manifest and refuses,
+naming the step, when it does not match. ft removes only what a manifest lists (or a
+`.tmp` directory carrying its marker), and never through a symlink. Nothing is
+unpickled beyond plain data: DCP's `.metadata` is checked against an allowlist of
+DCP's own classes before DCP reads it, and its non-tensor items load `weights_only`.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import io
 import json
 import logging
+import pickle
 import re
 import shutil
 import warnings
@@ -24,9 +33,17 @@ from typing import Any, Callable
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ft.errors import CheckpointError
+from ft.errors import CheckpointDamagedError, CheckpointError, OutputDirError
+from ft.training.extra_state import ExtraStateError, load_extra_state, save_extra_state
+from ft.training.manifest import (
+    MANIFEST_NAME, FileRecord, Manifest, ManifestError, fsync_dir, has_incomplete_marker, read_manifest,
+    remove_listed, seal, verify, write_atomic, write_incomplete_marker,
+)
+from ft.training.run_lock import output_dir_error
 
 log = logging.getLogger("ft")
 
@@ -36,6 +53,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_SUBDIR = "trainer"
 MODEL_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
+REPLACED_SUFFIX = ".replaced"  # a step being replaced by a re-save of the same step
 
 
 def step_dir_name(step: int) -> str:
@@ -55,7 +73,8 @@ def list_step_dirs(checkpoint_dir: Path) -> dict[int, Path]:
 
 
 def has_trainer_state(step_dir: Path) -> bool:
-    return (step_dir / TRAINER_SUBDIR / ".metadata").is_file() and (step_dir / TRAINER_SUBDIR / "extra.pt").is_file()
+    trainer = step_dir / TRAINER_SUBDIR
+    return (trainer / ".metadata").is_file() and (trainer / "extra.json").is_file()
 
 
 def has_model(step_dir: Path) -> bool:
@@ -78,8 +97,19 @@ def resolve_model_checkpoint(checkpoint_dir: Path, name: str) -> Path:
     return steps[int(match.group(1))]
 
 
+def _trainer_files(manifest: Manifest) -> dict[str, FileRecord]:
+    return manifest.under(TRAINER_SUBDIR)
+
+
+def _model_files(manifest: Manifest) -> dict[str, FileRecord]:
+    return {
+        path: record for path, record in manifest.files.items()
+        if "/" not in path and any(fnmatch.fnmatchcase(path, pattern) for pattern in MODEL_FILE_PATTERNS)
+    }
+
+
 class CheckpointManager:
-    """Saves, finds, loads and prunes the checkpoints of one run."""
+    """Saves, finds, verifies, loads and prunes the checkpoints of one run."""
 
     def __init__(
         self,
@@ -95,18 +125,46 @@ class CheckpointManager:
         self.barrier = barrier
         self.keep_last_n_checkpoints = keep_last_n_checkpoints
         self.keep_last_n_models = keep_last_n_models
+        self._verified: set[int] = set()
+
+    # -- start of a run -------------------------------------------------------------
 
     def remove_incomplete(self) -> None:
-        """Delete what an interrupted save left behind."""
+        """Delete what an interrupted save left behind (only directories ft marked as its own)."""
         if self.is_main and self.dir.is_dir():
-            for path in self.dir.glob("step_*.tmp"):
-                log.warning("removing incomplete checkpoint %s", path)
-                shutil.rmtree(path)
+            for path in sorted(self.dir.glob("step_*.tmp")):
+                self._remove_tmp(path)
+            for path in sorted(self.dir.glob("step_*" + REPLACED_SUFFIX)):
+                self._finish_replace(path)
         self.barrier()
 
     def latest_resumable_step(self) -> int | None:
-        steps = [step for step, path in list_step_dirs(self.dir).items() if has_trainer_state(path)]
-        return max(steps) if steps else None
+        """The newest step with trainer state, verified against its manifest.
+
+        Raises CheckpointDamagedError when the newest trainer state is damaged or not
+        ft's: starting over would silently throw away (and later prune) the run.
+        """
+        for step, path in reversed(list_step_dirs(self.dir).items()):
+            if path.is_symlink():
+                log.warning("ignoring %s: it is a symlink; ft neither resumes from nor prunes it", path)
+                continue
+            manifest = self._read_manifest(path)
+            if manifest is None:
+                if (path / TRAINER_SUBDIR).exists():
+                    raise CheckpointDamagedError(
+                        f"{path} holds trainer state but no {MANIFEST_NAME}, so ft cannot tell that it wrote it "
+                        f"(another tool, or an ft from before manifests); ft will not resume from it, delete it or "
+                        f"start over: move {path.name} out of {self.dir}, or use a new output directory"
+                    )
+                log.warning("ignoring %s: ft did not write it (no %s)", path, MANIFEST_NAME)
+                continue
+            if not _trainer_files(manifest):
+                continue  # trainer state pruned; the model files stay
+            self._verify(step, path, manifest)
+            return step
+        return None
+
+    # -- save -----------------------------------------------------------------------
 
     def save(
         self,
@@ -121,23 +179,72 @@ class CheckpointManager:
         """Write step_N atomically. `export_model(dir)` writes the HF-layout model (collective)."""
         final = self.dir / step_dir_name(step)
         tmp = self.dir / (step_dir_name(step) + ".tmp")
+        try:
+            if self.is_main:
+                self._start_tmp(step, tmp)
+            self.barrier()
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / TRAINER_SUBDIR))
+            export_model(tmp)
+            if self.is_main:
+                save_extra_state(extra, tmp / TRAINER_SUBDIR)
+                (tmp / TRAINER_SUBDIR / "model_config.json").write_text(json.dumps(model_config, indent=2))
+                seal(tmp, step)
+                self._publish(tmp, final)
+        except (CheckpointException, OSError) as error:
+            raise self._save_failed(step, tmp, error) from None
+        except ExtraStateError as error:  # a bug in what the caller saves, not a user mistake
+            raise TypeError(f"cannot save trainer state of step {step}: {error}") from None
         if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            (tmp / TRAINER_SUBDIR).mkdir(parents=True)
-        self.barrier()
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / TRAINER_SUBDIR))
-        export_model(tmp)
-        if self.is_main:
-            torch.save(extra, tmp / TRAINER_SUBDIR / "extra.pt")
-            (tmp / TRAINER_SUBDIR / "model_config.json").write_text(json.dumps(model_config, indent=2))
-            if final.exists():  # a re-save of the same step (e.g. final step after a periodic one)
-                shutil.rmtree(final)
-            tmp.rename(final)
+            self._verified.add(step)
             self._prune()
         self.barrier()
         return final
+
+    def _start_tmp(self, step: int, tmp: Path) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if (tmp.exists() or tmp.is_symlink()) and not self._remove_tmp(tmp):
+            raise CheckpointError(
+                f"cannot save step {step}: {tmp} exists and ft did not write it; move it out of {self.dir}"
+            )
+        tmp.mkdir()
+        write_incomplete_marker(tmp, step)
+        (tmp / TRAINER_SUBDIR).mkdir()
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the sealed tmp dir to its final name, replacing an earlier save of the same step."""
+        if not (final.exists() or final.is_symlink()):
+            tmp.rename(final)
+            fsync_dir(self.dir)
+            return
+        if final.is_symlink() or self._read_manifest(final, quiet=True) is None:
+            raise CheckpointError(
+                f"cannot replace {final}: ft did not write it (a symlink, or no {MANIFEST_NAME}); "
+                f"move it out of {self.dir} and re-run"
+            )
+        replaced = final.with_name(final.name + REPLACED_SUFFIX)
+        final.rename(replaced)
+        tmp.rename(final)
+        fsync_dir(self.dir)
+        self._finish_replace(replaced)
+
+    def _save_failed(self, step: int, tmp: Path, error: BaseException) -> Exception:
+        cause = _root_cause(error)
+        if isinstance(cause, KeyboardInterrupt):  # a second signal during the save: stop now
+            raise KeyboardInterrupt
+        if self.is_main and has_incomplete_marker(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        newest = max((s for s, p in list_step_dirs(self.dir).items() if s != step), default=None)
+        kept = f"the newest complete checkpoint is step_{newest}" if newest is not None else "no checkpoint was kept"
+        if isinstance(cause, OSError):
+            where = f"write checkpoint step_{step}"
+            problem = output_dir_error(self.dir, cause, where)
+            return OutputDirError(f"{problem}" + (f" ({cause.filename})" if cause.filename else "") + f"; {kept}")
+        if isinstance(cause, CheckpointError):
+            return type(cause)(f"{cause}; {kept}")
+        return CheckpointError(f"cannot write checkpoint step_{step} to {tmp}: {_one_line(cause)}; {kept}")
+
+    # -- load -----------------------------------------------------------------------
 
     def load(
         self,
@@ -149,15 +256,30 @@ class CheckpointManager:
     ) -> dict[str, Any]:
         """Restore model and optimizer in place; return the extra state."""
         step_dir = self.dir / step_dir_name(step)
+        if step not in self._verified:
+            manifest = self._read_manifest(step_dir)
+            if manifest is None or not _trainer_files(manifest):
+                raise CheckpointError(f"{step_dir} holds no trainer state written by ft ({MANIFEST_NAME} lists none)")
+            self._verify(step, step_dir, manifest)
         self.check_model_config(step_dir, model_config)
+        trainer_dir = step_dir / TRAINER_SUBDIR
+        check_dcp_metadata(trainer_dir / ".metadata")
         model_state, optimizer_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         try:
-            dcp.load(state, checkpoint_id=str(step_dir / TRAINER_SUBDIR))
-        except Exception as error:  # DCP raises a wide range of errors for mismatched state
-            raise CheckpointError(f"cannot restore trainer state from {step_dir}: {error}") from error
+            dcp.load(state, checkpoint_id=str(trainer_dir), planner=_PlainDataLoadPlanner())
+        except (CheckpointException, Exception) as error:  # DCP raises a wide range of errors for mismatched state
+            cause = _root_cause(error)
+            if isinstance(cause, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            if isinstance(cause, CheckpointError):
+                raise type(cause)(f"cannot restore trainer state from {trainer_dir}: {cause}") from None
+            raise CheckpointError(f"cannot restore trainer state from {trainer_dir}: {_one_line(cause)}") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        return torch.load(step_dir / TRAINER_SUBDIR / "extra.pt", weights_only=False)
+        try:
+            return load_extra_state(trainer_dir)
+        except ExtraStateError as error:
+            raise CheckpointDamagedError(f"cannot read trainer state {trainer_dir}/extra.*: {error}") from None
 
     @staticmethod
     def check_model_config(step_dir: Path, model_config: dict[str, Any]) -> None:
@@ -173,18 +295,170 @@ class CheckpointManager:
                 f"use a new output directory or the same model"
             )
 
+    # -- verification and ownership -------------------------------------------------
+
+    def _read_manifest(self, step_dir: Path, *, quiet: bool = False) -> Manifest | None:
+        try:
+            return read_manifest(step_dir)
+        except ManifestError as error:
+            if quiet:
+                return None
+            raise CheckpointDamagedError(
+                f"checkpoint {step_dir} is damaged: {error}; ft will not resume from it, delete it or start over: "
+                f"move {step_dir.name} out of {self.dir}, or use a new output directory"
+            ) from None
+
+    def _verify(self, step: int, step_dir: Path, manifest: Manifest) -> None:
+        if step in self._verified:
+            return
+        problems = verify(step_dir, _trainer_files(manifest) | _model_files(manifest))
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            older = [s for s, p in list_step_dirs(self.dir).items() if s < step and not p.is_symlink()
+                     and (p / TRAINER_SUBDIR).is_dir()]
+            fallback = f"to resume from step_{max(older)}" if older else "to start over"
+            raise CheckpointDamagedError(
+                f"checkpoint {step_dir} is damaged: {problems[0]}{more}; ft will not resume from it or start over. "
+                f"Move {step_dir.name} out of {self.dir} {fallback}, or use a new output directory"
+            )
+        self._verified.add(step)
+
+    def _remove_tmp(self, path: Path) -> bool:
+        """Remove a leftover `step_N.tmp` if ft made it; return whether it is gone."""
+        if path.is_symlink() or not path.is_dir():
+            log.warning("leaving %s alone: not a directory ft made", path)
+            return False
+        if has_incomplete_marker(path) or (path / MANIFEST_NAME).is_file() or not any(path.iterdir()):
+            log.warning("removing incomplete checkpoint %s", path)
+            shutil.rmtree(path)  # does not follow symlinks inside
+            return True
+        log.warning("leaving %s alone: ft did not write it (no ft marker)", path)
+        return False
+
+    def _finish_replace(self, replaced: Path) -> None:
+        """Complete a replace interrupted after `step_N` was moved aside."""
+        final = replaced.with_name(replaced.name[: -len(REPLACED_SUFFIX)])
+        manifest = None if replaced.is_symlink() else self._read_manifest(replaced, quiet=True)
+        if manifest is None:
+            log.warning("leaving %s alone: ft did not write it", replaced)
+        elif final.exists() or final.is_symlink():
+            self._remove_owned(replaced, manifest)
+        else:  # the new copy never arrived: the old one is still the checkpoint
+            replaced.rename(final)
+            fsync_dir(self.dir)
+
+    def _owned_steps(self) -> dict[int, tuple[Path, Manifest]]:
+        owned = {}
+        for step, path in list_step_dirs(self.dir).items():
+            manifest = None if path.is_symlink() else self._read_manifest(path, quiet=True)
+            if manifest is not None:
+                owned[step] = (path, manifest)
+        return owned
+
+    def _drop(self, step_dir: Path, manifest: Manifest, records: dict[str, FileRecord]) -> Manifest:
+        """Remove some of a step's files: shrink the manifest first, then unlink."""
+        remaining = Manifest(step=manifest.step, files={k: v for k, v in manifest.files.items() if k not in records})
+        write_atomic(step_dir / MANIFEST_NAME, remaining.to_json())
+        for rel in remove_listed(step_dir, records):
+            log.warning("pruning %s: left %s alone (changed since ft wrote it)", step_dir, rel)
+        return remaining
+
+    def _remove_owned(self, step_dir: Path, manifest: Manifest) -> None:
+        kept = remove_listed(step_dir, manifest.files)
+        (step_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        try:
+            step_dir.rmdir()
+        except OSError:
+            log.warning("pruning %s: left files ft did not write (%s)", step_dir,
+                        ", ".join(kept) or ", ".join(p.name for p in list(step_dir.iterdir())[:5]))
+
     def _prune(self) -> None:
-        steps = list_step_dirs(self.dir)
-        with_state = [step for step, path in steps.items() if has_trainer_state(path)]
-        with_model = [step for step, path in steps.items() if has_model(path)]
+        owned = self._owned_steps()
+        with_state = [step for step, (_, m) in owned.items() if _trainer_files(m)]
+        with_model = [step for step, (_, m) in owned.items() if _model_files(m)]
         if self.keep_last_n_checkpoints is not None:
             for step in with_state[: -self.keep_last_n_checkpoints or None]:
-                shutil.rmtree(steps[step] / TRAINER_SUBDIR)
+                path, manifest = owned[step]
+                owned[step] = (path, self._drop(path, manifest, _trainer_files(manifest)))
+                self._verified.discard(step)
         if self.keep_last_n_models is not None:
             for step in with_model[: -self.keep_last_n_models or None]:
-                for pattern in MODEL_FILE_PATTERNS:
-                    for file in steps[step].glob(pattern):
-                        file.unlink()
-        for step, path in steps.items():
-            if not has_trainer_state(path) and not has_model(path):
-                shutil.rmtree(path)
+                path, manifest = owned[step]
+                owned[step] = (path, self._drop(path, manifest, _model_files(manifest)))
+        for path, manifest in owned.values():
+            if not _trainer_files(manifest) and not _model_files(manifest):
+                self._remove_owned(path, manifest)
+
+
+# -- no code from a checkpoint ------------------------------------------------------
+
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "BytesStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch._utils": {"_get_layout"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = name in _DCP_METADATA_CLASSES.get(module, ())
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise CheckpointDamagedError(f"it names {module}.{name}, which is not part of DCP's metadata")
+        return super().find_class(module, name)
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """Refuse a DCP `.metadata` pickle that would build anything but DCP's own metadata.
+
+    DCP reads `.metadata` with plain `pickle.load`; unpickling it here first with an
+    allowlist means the bytes DCP then reads can only build metadata objects.
+    """
+    try:
+        with open(path, "rb") as file:
+            _MetadataUnpickler(file).load()
+    except CheckpointDamagedError as error:
+        raise CheckpointDamagedError(f"refusing to read {path}: {error}") from None
+    except Exception as error:  # truncated or garbage pickle
+        raise CheckpointDamagedError(f"cannot read {path}: {_one_line(error)}") from None
+
+
+class _PlainDataLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, but non-tensor items (optimizer hyper-parameters) must be plain data."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except Exception as error:
+            raise CheckpointDamagedError(
+                f"item {read_item.dest_index.fqn} is not plain data ({_one_line(error)})"
+            ) from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first underlying failure of a DCP CheckpointException (which derives from BaseException)."""
+    seen = 0
+    while isinstance(error, CheckpointException) and error.failures and seen < 8:
+        error = next(iter(error.failures.values()))[0]
+        seen += 1
+    return error
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    if isinstance(error, OSError) and error.strerror:
+        first = error.strerror + (f": {error.filename}" if error.filename else "")
+    return f"{type(error).__name__}: {first[:300]}"
+
+
