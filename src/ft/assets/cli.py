@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ft.assets import asset_dirs, card_types, list_cards, load_card
-from ft.cli import Command
+from ft.cli.command import Command
 
 
 def _add_list_arguments(parser: argparse.ArgumentParser) -> None:

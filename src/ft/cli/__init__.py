@@ -1,7 +1,9 @@
-"""The `ft` command line: a registry of `group command` -> Command, and `main`.
+"""The `ft` command line: `main` parses `ft GROUP VERB ...` and runs the verb.
 
-Every command is registered in `_register_commands()`, one `register(...)` line
-each, so the full CLI surface is visible in one place.
+The verbs are registered in `ft.cli.verbs`; `Command` lives in `ft.cli.command`.
+This module imports neither the verb modules nor anything heavy at import time,
+so `from ft.cli import Command` works from any module without a cycle.
+`python -m ft` and the `ft` script both call `main`.
 """
 
 from __future__ import annotations
@@ -10,75 +12,23 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
+from ft.cli.command import Command, CommandGroup
+from ft.cli.verbs import command_groups, registered_commands
 from ft.errors import FtError
 
 log = logging.getLogger("ft")
 
 
-@dataclass(frozen=True)
-class Command:
-    """One CLI verb: its help line, its argparse setup and its handler."""
-
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
-
-
-GROUP_HELP = {
-    "lm": "language model recipes (fine-tuning, generation)",
-    "llama": "Llama model family utilities",
-    "assets": "list and inspect asset cards",
-}
-
-_COMMANDS: dict[str, dict[str, Command]] = {}
-
-
-def register(group: str, name: str, command: Command) -> None:
-    """Add `ft GROUP NAME`. Registering the same verb twice is a bug."""
-    if group not in GROUP_HELP:
-        raise ValueError(f"unknown command group {group!r}; known: {sorted(GROUP_HELP)}")
-    commands = _COMMANDS.setdefault(group, {})
-    if name in commands:
-        raise ValueError(f"`ft {group} {name}` is already registered")
-    commands[name] = command
-
-
-def registered_commands() -> dict[str, list[str]]:
-    """The CLI surface as {group: [command, ...]} (frozen by a test)."""
-    _ensure_registered()
-    return {group: sorted(_COMMANDS.get(group, {})) for group in GROUP_HELP}
-
-
-def _register_commands() -> None:
-    from ft.assets.cli import LIST_COMMAND, SHOW_COMMAND
-    from ft.models.llama.cli import WRITE_HF_CONFIG_COMMAND
-    from ft.recipes.generate import GENERATE_COMMAND
-    from ft.recipes.instruction_finetune import INSTRUCTION_FINETUNE_COMMAND
-
-    register("lm", "instruction_finetune", INSTRUCTION_FINETUNE_COMMAND)
-    register("lm", "generate", GENERATE_COMMAND)
-    register("llama", "write_hf_config", WRITE_HF_CONFIG_COMMAND)
-    register("assets", "list", LIST_COMMAND)
-    register("assets", "show", SHOW_COMMAND)
-
-
-def _ensure_registered() -> None:
-    if not _COMMANDS:
-        _register_commands()
-
-
 def build_parser() -> argparse.ArgumentParser:
-    _ensure_registered()
     parser = argparse.ArgumentParser(prog="ft", description="Fine-tune large language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     groups = parser.add_subparsers(dest="group", metavar="GROUP")
-    for group, group_help in GROUP_HELP.items():
-        group_parser = groups.add_parser(group, help=group_help, description=group_help)
+    for group_name, group in command_groups().items():
+        group_parser = groups.add_parser(group_name, help=group.help, description=group.help)
         commands = group_parser.add_subparsers(dest="command", metavar="COMMAND")
-        for name, command in sorted(_COMMANDS.get(group, {}).items()):
+        for name, command in group.commands.items():
             command_parser = commands.add_parser(name, help=command.help, description=command.help)
             command_parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
             command.add_arguments(command_parser)
@@ -137,5 +87,5 @@ def _exit_now_if_distributed(code: int) -> None:
         os._exit(code)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+__all__ = ["Command", "CommandGroup", "build_parser", "main", "registered_commands"]

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from ft.cli import Command
+from ft.cli.command import Command
 from ft.config import build_config, config_hash, dump_config
 from ft.errors import FtError
 from ft.gang import detect_launch

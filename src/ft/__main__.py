@@ -1,0 +1,7 @@
+"""`python -m ft ...`: the same as the `ft` script."""
+
+import sys
+
+from ft.cli import main
+
+sys.exit(main())

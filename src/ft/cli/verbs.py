@@ -1,0 +1,51 @@
+"""The CLI surface: every `ft GROUP VERB`, registered in `register_commands`.
+
+One `register(...)` line per verb, so the whole surface is visible in one place.
+The verb modules are imported inside `register_commands`, not at import time:
+they import `ft.cli.command`, and `ft.cli` must stay importable on its own.
+"""
+
+from __future__ import annotations
+
+from ft.cli.command import Command, CommandGroup
+from ft.registry import Registry
+
+
+def register_commands(groups: Registry[CommandGroup]) -> None:
+    from ft.assets.cli import LIST_COMMAND, SHOW_COMMAND
+    from ft.models.cli import write_hf_config_command
+    from ft.models.family import all_families
+    from ft.recipes.generate import GENERATE_COMMAND
+    from ft.recipes.instruction_finetune import INSTRUCTION_FINETUNE_COMMAND
+
+    lm = groups.register("lm", _group("lm", "language model recipes (fine-tuning, generation)"))
+    lm.commands.register("instruction_finetune", INSTRUCTION_FINETUNE_COMMAND)
+    lm.commands.register("generate", GENERATE_COMMAND)
+
+    for family in all_families():  # every registered family gets the same verbs
+        group = groups.register(family.name, _group(family.name, f"{family.name} model family utilities"))
+        group.commands.register("write_hf_config", write_hf_config_command(family))
+
+    assets = groups.register("assets", _group("assets", "list and inspect asset cards"))
+    assets.commands.register("list", LIST_COMMAND)
+    assets.commands.register("show", SHOW_COMMAND)
+
+
+def _group(name: str, help: str) -> CommandGroup:
+    return CommandGroup(help=help, commands=Registry(f"`ft {name}` command"))
+
+
+def command_groups() -> Registry[CommandGroup]:
+    """The registered groups, built on each call (cheap), so a family registered at
+    run time gets its verbs too."""
+    groups: Registry[CommandGroup] = Registry("command group")
+    register_commands(groups)
+    return groups
+
+
+def registered_commands() -> dict[str, list[str]]:
+    """The CLI surface as {group: [verb, ...]} (frozen by a test)."""
+    return {name: group.commands.names() for name, group in command_groups().items()}
+
+
+__all__ = ["Command", "CommandGroup", "command_groups", "register_commands", "registered_commands"]
