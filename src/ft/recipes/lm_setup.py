@@ -1,5 +1,5 @@
-"""What the language-model recipes share: dtypes, which model and tokenizer a
-config names, run logging.
+"""What the language-model recipes share: which model and tokenizer a config
+names, run logging (and `DTYPES`/`resolve_dtype`, re-exported from `ft.dtypes`).
 
 `model` in a recipe config is a card name, a checkpoint path, or, with a
 `checkpoint_dir`, `last_checkpoint` / `checkpoint_step_N` of an earlier run.
@@ -10,25 +10,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
+from ft.dtypes import DTYPES, resolve_dtype  # noqa: F401  (re-exported for the recipes)
 from ft.errors import ConfigError
 from ft.models import ModelSource, resolve_model
-from ft.models.llama.checkpoint import read_checkpoint_config
+from ft.models.checkpoint import read_checkpoint_config
 from ft.training.checkpoint import resolve_model_checkpoint
 
 log = logging.getLogger("ft")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ConfigError(f"config key 'dtype': unknown dtype {name!r}; known: auto, {', '.join(DTYPES)}") from None
 
 
 def resolve_model_source(model: str, *, checkpoint_dir: str | None = None) -> ModelSource:

@@ -1,0 +1,26 @@
+"""The dtype names users type (`dtype=bfloat16`) and the torch dtypes they mean.
+
+The one table of them: configs, the CLI and checkpoint export all read `DTYPES`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ft.errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device, *, key: str = "dtype") -> torch.dtype:
+    """The dtype `name` names; `auto` is bfloat16 on GPUs and float32 elsewhere.
+    An unknown name is a ConfigError naming config key `key`."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"config key '{key}': unknown dtype {name!r}; known: auto, {', '.join(DTYPES)}") from None
+
+
+__all__ = ["DTYPES", "resolve_dtype"]
