@@ -3,8 +3,13 @@
     from ft.assets import load_card
     card = load_card("llama3_2_1b")
     card.get("model_arch"), card.path("checkpoint")
+
+    from ft.assets import resolve_card_or_path
+    found = resolve_card_or_path("./data/train.jsonl", what="dataset")  # a Path
+    found = resolve_card_or_path("ft_default_sft", what="dataset")      # an AssetCard
 """
 
+from ft.assets.resolve import is_explicit_path, resolve_card_or_path
 from ft.assets.store import (
     AssetCard,
     AssetStore,
@@ -44,9 +49,11 @@ __all__ = [
     "AssetStore",
     "asset_dirs",
     "card_types",
+    "is_explicit_path",
     "list_cards",
     "load_card",
     "read_card_file",
+    "resolve_card_or_path",
     "system_asset_dirs",
     "user_asset_dir",
 ]

@@ -130,7 +130,20 @@ class AssetStore:
     def names(self) -> list[str]:
         return sorted(name for name in self._cards if not name.endswith(USER_SUFFIX))
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._cards
+
+    def missing_message(self, name: str) -> str:
+        """What to say when no card is named `name`: the closest names, else how to list them."""
+        return f"no asset card named '{name}'{_suggest(name, self.names())}"
+
     def load(self, name: str) -> AssetCard:
+        """The merged card `name`; `x@user` names card `x` with its overlay."""
+        if name.endswith(USER_SUFFIX) and name in self._cards:
+            base = name[: -len(USER_SUFFIX)]
+            if base not in self._cards:
+                raise AssetError(f"{self._cards[name].where} overlays card '{base}', but no card has that name")
+            name = base
         return self._load(name, chain=())
 
     def _load(self, name: str, *, chain: tuple[str, ...]) -> AssetCard:
@@ -142,7 +155,7 @@ class AssetStore:
             if chain:
                 referrer = self._cards[chain[-1]]
                 raise AssetError(f"{referrer.where} has base '{name}', but no card has that name")
-            raise AssetError(f"no asset card named '{name}'{_suggest(name, self.names())}")
+            raise AssetError(self.missing_message(name))
         layers = [raw]
         overlay = self._cards.get(name + USER_SUFFIX)
         if overlay is not None:
