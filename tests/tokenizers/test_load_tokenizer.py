@@ -54,7 +54,9 @@ def test_card_gives_family_path_and_use_eot(card_dir):
 
 
 def test_card_errors(card_dir):
-    with pytest.raises(AssetError, match="tokenizer_family 'gpt2' is not one of llama3, llama2, hf"):
+    with pytest.raises(
+        AssetError, match=r"card 'bad_family': tokenizer_family: unknown tokenizer family 'gpt2'; registered: hf, llama2, llama3"
+    ):
         load_tokenizer("bad_family")
     with pytest.raises(AssetError, match="card 'no_tokenizer' has no 'tokenizer' field"):
         load_tokenizer("no_tokenizer")
@@ -77,8 +79,10 @@ def test_path_errors(tmp_path):
         load_tokenizer(tmp_path / "missing.model")
     with pytest.raises(AssetError, match="holds none of: tokenizer.json, tokenizer.model"):
         load_tokenizer(tmp_path)
-    with pytest.raises(AssetError, match="unknown tokenizer family 'gpt2'"):
-        load_tokenizer(tmp_path, family="gpt2")
+    with pytest.raises(AssetError, match=r"unknown tokenizer family 'lama3' \(did you mean 'llama3'\?\); registered: hf"):
+        load_tokenizer(tmp_path, family="lama3")
+    with pytest.raises(AssetError, match="tokenizer 'missing.model' is neither an existing file .* write ./missing.model"):
+        load_tokenizer("missing.model")
     junk = tmp_path / "tokenizer.model"
     junk.write_bytes(b"\x00\x01binary junk")
     with pytest.raises(AssetError, match="cannot tell the format of tokenizer"):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 from ft.errors import DataError
 
 if TYPE_CHECKING:
-    from ft.tokenizers import Message, Tokenizer
+    from ft.tokenizers.base import Message, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ft.errors import AssetError
-from ft.tokenizers import Tokenizer
+from ft.tokenizers.base import Tokenizer
 
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 EOS_NAMES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>")

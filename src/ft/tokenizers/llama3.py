@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ft.errors import AssetError
-from ft.tokenizers import Tokenizer
+from ft.tokenizers.base import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ft.errors import AssetError
-from ft.tokenizers import Tokenizer
+from ft.tokenizers.base import Tokenizer
 
 
 class SentencePieceTokenizer(Tokenizer):
