@@ -7,6 +7,7 @@ import pytest
 from ft.data.formats import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_WITH_INPUT,
+    DATA_FORMATS,
     RowError,
     detect_format,
     normalize_format,
@@ -77,6 +78,44 @@ def test_forced_format_and_aliases():
     assert normalize_format("auto") is None
     with pytest.raises(DataError, match="unknown dataset format 'parquet'.*alpaca"):
         normalize_format("parquet")
+
+
+def test_unknown_format_lists_formats_auto_and_aliases():
+    with pytest.raises(DataError) as info:
+        normalize_format("dolli", key="dataset_format")
+    assert str(info.value) == (
+        "config key 'dataset_format': unknown dataset format 'dolli' (did you mean 'dolly'?); "
+        "registered: alpaca, chat, dolly, gsm8k, src_tgt; also: auto (detect per row), "
+        "generic_instruction (= src_tgt), instruction (= src_tgt)"
+    )
+
+
+def test_every_registered_format_reads_a_row_of_its_own(tok):
+    rows = {
+        "src_tgt": {"src": "a", "tgt": "b"},
+        "chat": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        "alpaca": {"instruction": "a", "output": "b"},
+        "dolly": {"instruction": "a", "response": "b"},
+        "gsm8k": {"question": "a", "answer": "b"},
+    }
+    assert sorted(rows) == DATA_FORMATS.names()
+    for name, row in rows.items():
+        assert detect_format(row) == name
+        example = row_to_example(row, tok, name)
+        assert example.num_target_tokens > 0
+        prompt = row_to_prompt(row, tok, 0, name)
+        assert prompt.reference == "b"
+
+
+def test_config_checks_the_format_name():
+    from ft.config import build_config
+    from ft.errors import ConfigError
+    from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig
+
+    assert build_config(InstructionFinetuneConfig, overrides=["dataset_format=gsm8k"]).dataset_format == "gsm8k"
+    assert build_config(InstructionFinetuneConfig, overrides=["dataset_format=instruction"]).dataset_format == "instruction"
+    with pytest.raises(ConfigError, match=r"config key 'dataset_format': unknown dataset format 'csv'; registered: alpaca"):
+        build_config(InstructionFinetuneConfig, overrides=["dataset_format=csv"])
 
 
 @pytest.mark.parametrize(

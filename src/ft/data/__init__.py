@@ -21,12 +21,23 @@ from ft.data.dataset import (
     read_prompts,
     resolve_dataset,
 )
-from ft.data.formats import FORMATS, Example, PromptRow, detect_format, row_to_example, row_to_prompt
+from ft.data.formats import (
+    AUTO,
+    DATA_FORMATS,
+    Example,
+    PromptRow,
+    RowFormat,
+    detect_format,
+    normalize_format,
+    row_to_example,
+    row_to_prompt,
+)
 from ft.data.packing import IGNORE_INDEX, PAD_DOCUMENT_ID, Batch, collate, labels_of, pack_rows
 from ft.data.reader import BatchReader, iter_validation_batches, micro_batch_size
 
 __all__ = [
-    "FORMATS",
+    "AUTO",
+    "DATA_FORMATS",
     "IGNORE_INDEX",
     "PAD_DOCUMENT_ID",
     "Batch",
@@ -36,6 +47,7 @@ __all__ = [
     "Example",
     "ExampleSet",
     "PromptRow",
+    "RowFormat",
     "available_splits",
     "collate",
     "detect_format",
@@ -43,6 +55,7 @@ __all__ = [
     "iter_validation_batches",
     "labels_of",
     "micro_batch_size",
+    "normalize_format",
     "pack_rows",
     "read_examples",
     "read_prompts",

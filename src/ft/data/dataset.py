@@ -7,7 +7,8 @@
   `DIR/valid/*.jsonl`, searched recursively); without subfolders, files named by
   split (`train.jsonl`, `test.jsonl`, `train-00001.jsonl`, as HF exports write
   them) form those splits, and otherwise every `*.jsonl` file is the train split;
-- an asset card name whose `data` field is such a file or directory and whose
+- an asset card name (`ft.assets.resolve_card_or_path` tells names from paths)
+  whose `data` field is such a file or directory and whose
   optional `dataset_family` forces the row format.
 
 Split names `valid`, `validation` and `dev` are interchangeable.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
+from ft.assets import resolve_card_or_path
 from ft.data.formats import (
     DataTokenizer,
     Example,
@@ -171,20 +173,13 @@ def _canonical(split: str) -> str:
 
 def _locate(name: str) -> tuple[Path, str | None]:
     """(file or directory, format forced by a card) for a path or a card name."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return path, None
-    looks_like_path = os.sep in name or "/" in name or name.startswith(("~", ".")) or path.suffix in (".jsonl", ".json")
-    if looks_like_path:
-        raise DataError(f"dataset path {path} does not exist")
-    from ft.assets import load_card
-
     try:
-        card = load_card(name)
+        found = resolve_card_or_path(name, what="dataset")
     except AssetError as err:
-        raise DataError(
-            f"dataset '{name}' is neither an existing file or directory nor a known asset card: {err}"
-        ) from err
+        raise DataError(str(err)) from None
+    if isinstance(found, Path):
+        return found, None
+    card = found
     data = card.path("data")
     fmt = card.get("dataset_family")
     if fmt is not None:

@@ -1,6 +1,7 @@
 """Row formats: one JSONL row -> a tokenized `Example` (training) or `PromptRow` (generation).
 
-Supported rows, detected per row from their keys (or forced with `format=`):
+Supported rows, detected per row from their keys (or forced with `format=`);
+each format is registered in `DATA_FORMATS` by `register_data_formats`:
 
 | format    | fields                                    | prompt                           | target   |
 |-----------|-------------------------------------------|----------------------------------|----------|
@@ -29,17 +30,18 @@ pickle than many small tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-from ft.errors import DataError
+from ft.errors import ConfigError, DataError
+from ft.registry import Registry
 
-FORMATS = ("src_tgt", "chat", "alpaca", "dolly", "gsm8k")
+# "Detect the format of each row from its keys": valid wherever a format name is.
+AUTO = "auto"
 
-# `dataset_family` values on asset cards that name one of our formats.
+# `dataset_family` values on asset cards (fairseq2's names) that mean one of our formats.
 _FORMAT_ALIASES = {
     "generic_instruction": "src_tgt",  # fairseq2's family for src/tgt rows
     "instruction": "src_tgt",
-    "auto": None,
 }
 
 ALPACA_PROMPT = (
@@ -102,16 +104,30 @@ class RowError(Exception):
     """A row that does not fit its format; the caller adds file and line."""
 
 
-def normalize_format(name: str | None) -> str | None:
-    """Map a `format`/`dataset_family` value to a format name; None means detect per row."""
-    if name is None:
+def normalize_format(name: str | None, *, key: str | None = None) -> str | None:
+    """Map a `format`/`dataset_family` value to a registered format name; None (and
+    `auto`) mean detect per row. An unknown name is a DataError listing the formats
+    (naming `key`, the config key or card field it came from, when given)."""
+    if name is None or name == AUTO:
         return None
-    if name in FORMATS:
-        return name
-    if name in _FORMAT_ALIASES:
-        return _FORMAT_ALIASES[name]
-    known = ", ".join(list(FORMATS) + sorted(k for k in _FORMAT_ALIASES if k != "auto"))
-    raise DataError(f"unknown dataset format {name!r}; known formats: auto, {known}")
+    name = _FORMAT_ALIASES.get(name, name)
+    if name not in DATA_FORMATS:
+        raise DataError(unknown_format_message(name, key=key))
+    return name
+
+
+def unknown_format_message(name: object, *, key: str | None = None) -> str:
+    """The registry's message for an unknown format, which also names `auto` and the aliases."""
+    aliases = ", ".join(f"{alias} (= {target})" for alias, target in sorted(_FORMAT_ALIASES.items()))
+    return f"{DATA_FORMATS.unknown_message(name, key=key)}; also: {AUTO} (detect per row), {aliases}"
+
+
+def check_format_name(name: str, *, key: str) -> None:
+    """A ConfigError naming config key `key` when `name` is neither `auto`, a format nor an alias."""
+    try:
+        normalize_format(name, key=key)
+    except DataError as error:
+        raise ConfigError(str(error)) from None
 
 
 def detect_format(row: dict[str, Any], *, need_target: bool = True) -> str:
@@ -172,14 +188,49 @@ def _encode_chat(
         raise RowError(str(err)) from None
 
 
-def _prompt_and_target(row: dict[str, Any], fmt: str, *, need_target: bool) -> tuple[str, str | None]:
-    """Render a non-chat row into (prompt text, target text)."""
-    if fmt == "src_tgt":
-        return _text(row, "src", required=True), _text(row, "tgt", required=need_target)
-    if fmt == "gsm8k":
-        return _text(row, "question", required=True) + "\n", _text(row, "answer", required=need_target)
-    if fmt in ("alpaca", "dolly"):
-        input_key, target_key = ("input", "output") if fmt == "alpaca" else ("context", "response")
+@dataclass(frozen=True)
+class RowFormat:
+    """How rows of one format become training examples and generation prompts.
+
+    `to_example(row, tokenizer)` -> Example; `to_prompt(row, tokenizer)` ->
+    (prompt text, prompt ids, reference answer or None).
+    """
+
+    to_example: Callable[[dict[str, Any], DataTokenizer], Example]
+    to_prompt: Callable[[dict[str, Any], DataTokenizer], tuple[str, list[int], str | None]]
+
+
+# A template renders a non-chat row into (prompt text, target text); the target is
+# required for training and optional (the reference) for generation.
+RowTemplate = Callable[[dict[str, Any], bool], tuple[str, str | None]]
+
+
+def templated(render: RowTemplate) -> RowFormat:
+    """The format of rows rendered by `render`: loss on the target only."""
+
+    def to_example(row: dict[str, Any], tokenizer: DataTokenizer) -> Example:
+        prompt, target = render(row, True)
+        prompt_ids = tokenizer.encode_prompt(prompt)
+        target_ids = tokenizer.encode_response(target)
+        return Example(prompt_ids + target_ids, [False] * len(prompt_ids) + [True] * len(target_ids))
+
+    def to_prompt(row: dict[str, Any], tokenizer: DataTokenizer) -> tuple[str, list[int], str | None]:
+        prompt, target = render(row, False)
+        return prompt, tokenizer.encode_prompt(prompt), target
+
+    return RowFormat(to_example, to_prompt)
+
+
+def _src_tgt(row: dict[str, Any], need_target: bool) -> tuple[str, str | None]:
+    return _text(row, "src", required=True), _text(row, "tgt", required=need_target)
+
+
+def _gsm8k(row: dict[str, Any], need_target: bool) -> tuple[str, str | None]:
+    return _text(row, "question", required=True) + "\n", _text(row, "answer", required=need_target)
+
+
+def _alpaca_template(input_key: str, target_key: str) -> RowTemplate:
+    def render(row: dict[str, Any], need_target: bool) -> tuple[str, str | None]:
         instruction = _text(row, "instruction", required=True)
         extra = _text(row, input_key, required=False)
         if extra:
@@ -187,21 +238,44 @@ def _prompt_and_target(row: dict[str, Any], fmt: str, *, need_target: bool) -> t
         else:
             prompt = ALPACA_PROMPT.format(instruction=instruction)
         return prompt, _text(row, target_key, required=need_target)
-    raise AssertionError(fmt)
+
+    return render
+
+
+def _chat_example(row: dict[str, Any], tokenizer: DataTokenizer) -> Example:
+    ids, mask = _encode_chat(tokenizer, _messages(row))
+    if len(ids) != len(mask):
+        raise ValueError(f"tokenizer.encode_chat returned {len(ids)} ids but {len(mask)} mask values")
+    return Example(list(ids), [bool(m) for m in mask])
+
+
+def _chat_prompt(row: dict[str, Any], tokenizer: DataTokenizer) -> tuple[str, list[int], str | None]:
+    messages = _messages(row)
+    reference = None
+    if messages[-1]["role"] == "assistant":
+        reference = messages[-1]["content"]
+        messages = messages[:-1]
+    if not messages:
+        raise RowError("'messages' holds only an assistant turn; there is nothing to prompt with")
+    ids, _ = _encode_chat(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer.decode(ids), list(ids), reference
+
+
+def register_data_formats(formats: Registry[RowFormat]) -> None:
+    formats.register("src_tgt", templated(_src_tgt))
+    formats.register("chat", RowFormat(_chat_example, _chat_prompt))
+    formats.register("alpaca", templated(_alpaca_template("input", "output")))
+    formats.register("dolly", templated(_alpaca_template("context", "response")))
+    formats.register("gsm8k", templated(_gsm8k))
+
+
+DATA_FORMATS: Registry[RowFormat] = Registry("dataset format")
+register_data_formats(DATA_FORMATS)
 
 
 def row_to_example(row: dict[str, Any], tokenizer: DataTokenizer, fmt: str | None = None) -> Example:
     """Tokenize one training row; loss only on the response / assistant turns."""
-    fmt = fmt or detect_format(row)
-    if fmt == "chat":
-        ids, mask = _encode_chat(tokenizer, _messages(row))
-        if len(ids) != len(mask):
-            raise ValueError(f"tokenizer.encode_chat returned {len(ids)} ids but {len(mask)} mask values")
-        return Example(list(ids), [bool(m) for m in mask])
-    prompt, target = _prompt_and_target(row, fmt, need_target=True)
-    prompt_ids = tokenizer.encode_prompt(prompt)
-    target_ids = tokenizer.encode_response(target)
-    return Example(prompt_ids + target_ids, [False] * len(prompt_ids) + [True] * len(target_ids))
+    return DATA_FORMATS.get(fmt or detect_format(row)).to_example(row, tokenizer)
 
 
 def row_to_prompt(
@@ -211,15 +285,5 @@ def row_to_prompt(
     fmt = fmt or detect_format(row, need_target=False)
     row_id = row.get("id")
     row_id = str(row_id) if isinstance(row_id, (str, int)) and not isinstance(row_id, bool) else str(index)
-    if fmt == "chat":
-        messages = _messages(row)
-        reference = None
-        if messages[-1]["role"] == "assistant":
-            reference = messages[-1]["content"]
-            messages = messages[:-1]
-        if not messages:
-            raise RowError("'messages' holds only an assistant turn; there is nothing to prompt with")
-        ids, _ = _encode_chat(tokenizer, messages, add_generation_prompt=True)
-        return PromptRow(row_id, tokenizer.decode(ids), list(ids), reference)
-    prompt, target = _prompt_and_target(row, fmt, need_target=False)
-    return PromptRow(row_id, prompt, tokenizer.encode_prompt(prompt), target)
+    text, ids, reference = DATA_FORMATS.get(fmt).to_prompt(row, tokenizer)
+    return PromptRow(row_id, text, ids, reference)
