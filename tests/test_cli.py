@@ -33,8 +33,8 @@ def test_recipe_flags_are_frozen():
             assert flags == FROZEN_RECIPE_FLAGS, name
 
 
-def run_ft(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "ft.cli", *args], capture_output=True, text=True, env=env)
+def run_ft(*args, env=None, module="ft"):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
 
 
 def test_help_lists_groups_and_commands():
@@ -44,6 +44,52 @@ def test_help_lists_groups_and_commands():
         assert group in result.stdout
     result = run_ft("lm", "--help")
     assert "instruction_finetune" in result.stdout and "generate" in result.stdout
+
+
+def test_python_m_ft_and_python_m_ft_cli_are_the_ft_command():
+    for module in ("ft", "ft.cli"):
+        result = run_ft("--help", module=module)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: ft [-h] [--debug] GROUP ...")
+        assert "Fine-tune large language models." in result.stdout
+        assert "language model recipes (fine-tuning, generation)" in result.stdout
+        assert "list and inspect asset cards" in result.stdout
+
+
+def test_command_module_imports_without_the_verbs():
+    # `ft.cli` and `ft.cli.command` must not import the modules that define verbs
+    # (they import `Command` from here): no cycle, whichever is imported first.
+    code = (
+        "import sys; import ft.cli; from ft.cli import Command; "
+        "assert 'ft.recipes.instruction_finetune' not in sys.modules and 'ft.assets.cli' not in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for module in ("ft.assets.cli", "ft.recipes.instruction_finetune", "ft.recipes.generate"):
+        result = subprocess.run([sys.executable, "-c", f"import {module}; import ft.cli; ft.cli.build_parser()"],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dataset_format=chatt",
+         "config key 'dataset_format': unknown dataset format 'chatt' (did you mean 'chat'?); "
+         "registered: alpaca, chat, dolly, gsm8k, src_tgt; also: auto (detect per row)"),
+        ("lr_schedule=cosin",
+         "config key 'lr_schedule': unknown lr schedule 'cosin' (did you mean 'cosine'?); registered: constant, cosine, linear"),
+        ("metric_recorders=[jsonl, tensorbord]",
+         "config key 'metric_recorders': unknown metric recorder 'tensorbord' (did you mean 'tensorboard'?); "
+         "registered: jsonl, tensorboard, wandb"),
+    ],
+)
+def test_unknown_registered_name_in_config_is_a_clean_error(tmp_path, override, message):
+    result = run_ft("lm", "instruction_finetune", str(tmp_path / "x"), "--config", override)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_unknown_config_key_exits_2_naming_the_key(tmp_path):

@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ft.data.formats import check_format_name
+from ft.training.metrics import check_recorder_names
+from ft.training.optim import LR_SCHEDULES
+
 
 @dataclass(kw_only=True)
 class InstructionFinetuneConfig:
@@ -24,7 +28,8 @@ class InstructionFinetuneConfig:
     """A dataset card name, a .jsonl file, or a directory of them (subfolders are splits)."""
     train_split: str = "train"
     valid_split: str = "valid"
-    dataset_format: Literal["auto", "src_tgt", "chat", "alpaca", "dolly", "gsm8k"] = "auto"
+    dataset_format: str = "auto"
+    """`auto` (detect per row) or a registered format (`ft.data.DATA_FORMATS`)."""
     max_seq_len: int = 512
     max_num_tokens: int = 2048
     """Tokens per micro-batch per rank (rows x max_seq_len)."""
@@ -51,7 +56,8 @@ class InstructionFinetuneConfig:
     weight_decay: float = 0.1
     max_grad_norm: float | None = 1.0
     gradient_accumulation: int = 1
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_schedule: str = "cosine"
+    """A registered schedule (`ft.training.optim.LR_SCHEDULES`): cosine, linear or constant."""
     warmup_steps: int = 10
     final_lr_scale: float = 0.1
     """The learning rate at the last step, as a fraction of `learning_rate`."""
@@ -82,7 +88,14 @@ class InstructionFinetuneConfig:
     publish_metrics_every_n_steps: int = 10
     validate_every_n_steps: int | None = None
     metric_recorders: list[str] = field(default_factory=lambda: ["jsonl"])
-    """Any of jsonl (always on), tensorboard, wandb."""
+    """Recorders of `ft.training.metrics.METRIC_RECORDERS`: jsonl (always on), tensorboard, wandb."""
     wandb_project: str = "ft"
     peak_tflops: float | None = None
     """The device's peak for MFU; default: a table of known GPUs."""
+
+    def __post_init__(self) -> None:
+        # Names looked up in a registry are plain `str` fields (a Literal would repeat
+        # the registry); they are checked here, so a bad one fails before any work.
+        check_format_name(self.dataset_format, key="dataset_format")
+        LR_SCHEDULES.get(self.lr_schedule, key="lr_schedule")
+        check_recorder_names(self.metric_recorders, key="metric_recorders")

@@ -1,7 +1,8 @@
 """Publishing training metrics: OUT/metrics/*.jsonl always, TensorBoard and W&B on request.
 
 Only the main rank publishes. Each recorder gets `record(split, step, values)`;
-the console line and progress bar live in the recipe.
+the console line and progress bar live in the recipe. Recorders are registered
+by name (`metric_recorders=[...]`) in `METRIC_RECORDERS`, by `register_metric_recorders`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
 from ft.errors import ConfigError
+from ft.registry import Registry
 
 log = logging.getLogger("ft")
 
@@ -130,7 +132,39 @@ class WandbRecorder:
         self.run.finish()
 
 
-KNOWN_RECORDERS = ("jsonl", "tensorboard", "wandb")
+# Builds a recorder for OUT: (output_dir, start_step=, wandb_project=, config=) -> recorder.
+RecorderFactory = Callable[..., MetricRecorder]
+
+
+def _jsonl(output_dir: Path, *, start_step: int, **_: Any) -> MetricRecorder:
+    return JsonlRecorder(output_dir, start_step=start_step)
+
+
+def _tensorboard(output_dir: Path, *, start_step: int, **_: Any) -> MetricRecorder:
+    return TensorBoardRecorder(output_dir, start_step=start_step)
+
+
+def _wandb(output_dir: Path, *, wandb_project: str, config: dict[str, Any], **_: Any) -> MetricRecorder:
+    return WandbRecorder(output_dir, project=wandb_project, config=config)
+
+
+def register_metric_recorders(recorders: Registry[RecorderFactory]) -> None:
+    recorders.register("jsonl", _jsonl)
+    recorders.register("tensorboard", _tensorboard)
+    recorders.register("wandb", _wandb)
+
+
+METRIC_RECORDERS: Registry[RecorderFactory] = Registry("metric recorder")
+register_metric_recorders(METRIC_RECORDERS)
+
+# On in every run, whatever `metric_recorders` lists: OUT/metrics/*.jsonl always exists.
+ALWAYS_ON = "jsonl"
+
+
+def check_recorder_names(names: list[str], *, key: str = "metric_recorders") -> None:
+    """A ConfigError naming config key `key` for the first unregistered name."""
+    for name in names:
+        METRIC_RECORDERS.get(name, key=key)
 
 
 class MetricBag:
@@ -139,14 +173,12 @@ class MetricBag:
     def __init__(
         self, output_dir: Path, names: list[str], *, wandb_project: str, config: dict[str, Any], start_step: int = 0
     ) -> None:
-        unknown = [name for name in names if name not in KNOWN_RECORDERS]
-        if unknown:
-            raise ConfigError(f"config key 'metric_recorders': unknown recorder {unknown[0]!r}; known: {list(KNOWN_RECORDERS)}")
-        self.recorders: list[MetricRecorder] = [JsonlRecorder(output_dir, start_step=start_step)]
-        if "tensorboard" in names:
-            self.recorders.append(TensorBoardRecorder(output_dir, start_step=start_step))
-        if "wandb" in names:
-            self.recorders.append(WandbRecorder(output_dir, project=wandb_project, config=config))
+        check_recorder_names(names)
+        ordered = dict.fromkeys([ALWAYS_ON, *names])  # each once, in the order given
+        self.recorders: list[MetricRecorder] = [
+            METRIC_RECORDERS.get(name)(output_dir, start_step=start_step, wandb_project=wandb_project, config=config)
+            for name in ordered
+        ]
 
     def record(self, split: str, step: int, values: dict[str, Any]) -> None:
         for recorder in self.recorders:

@@ -1,13 +1,19 @@
 """AdamW, the learning-rate schedule (warm-up, then cosine, linear or constant) and
-gradient-norm clipping that works on any mix of plain and sharded gradients."""
+gradient-norm clipping that works on any mix of plain and sharded gradients.
+
+Schedules are registered by name (`lr_schedule=`) in `LR_SCHEDULES`, by
+`register_lr_schedules`.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from ft.registry import Registry
 
 
 def build_optimizer(
@@ -33,19 +39,40 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **kwargs)
 
 
+# The multiplier after warm-up: (progress from 0 to 1, final_lr_scale) -> factor.
+LrSchedule = Callable[[float, float], float]
+
+
+def _constant(progress: float, final_lr_scale: float) -> float:
+    return 1.0
+
+
+def _linear(progress: float, final_lr_scale: float) -> float:
+    return 1.0 - (1.0 - final_lr_scale) * progress
+
+
+def _cosine(progress: float, final_lr_scale: float) -> float:
+    return final_lr_scale + (1.0 - final_lr_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def register_lr_schedules(schedules: Registry[LrSchedule]) -> None:
+    schedules.register("constant", _constant)
+    schedules.register("linear", _linear)
+    schedules.register("cosine", _cosine)
+
+
+LR_SCHEDULES: Registry[LrSchedule] = Registry("lr schedule")
+register_lr_schedules(LR_SCHEDULES)
+
+
 def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, max_num_steps: int, final_lr_scale: float) -> float:
     """The factor on the base learning rate for optimizer step `step` (0-based)."""
+    shape = LR_SCHEDULES.get(schedule, key="lr_schedule")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
     decay_steps = max(1, max_num_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
-    if schedule == "linear":
-        return 1.0 - (1.0 - final_lr_scale) * progress
-    if schedule == "cosine":
-        return final_lr_scale + (1.0 - final_lr_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr schedule {schedule!r}")
+    return shape(progress, final_lr_scale)
 
 
 def build_scheduler(
