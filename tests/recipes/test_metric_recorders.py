@@ -21,7 +21,7 @@ def test_jsonl_is_always_on_and_resume_drops_later_steps(tmp_path):
 
 
 def test_unknown_recorder_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="unknown recorder 'mlflow'"):
+    with pytest.raises(ConfigError, match="config key 'metric_recorders': unknown metric recorder 'mlflow'; registered: jsonl"):
         MetricBag(tmp_path, ["jsonl", "mlflow"], wandb_project="ft", config={})
 
 
