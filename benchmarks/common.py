@@ -19,7 +19,7 @@ heads x head_dim x seq), against both the bf16 matmul peak measured in the same
 process (8192^3, random data) and the vendor's dense bf16 spec (989 TFLOP/s for
 H100/H200).
 
-The ft step is the recipe's own: `ft.recipes.instruction_finetune.accumulate_gradients`
+The ft step is the recipe's own: `ft.training.step.accumulate_gradients`
 (forward, chunked cross-entropy, backward over a step's micro-batches), then
 unscale / clip / optimizer step / zero_grad / scheduler step exactly as the
 recipe's loop does.
@@ -50,7 +50,8 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
 import torch  # noqa: E402
 
 from ft.gang import Gangs  # noqa: E402
-from ft.recipes.instruction_finetune import StepStats, accumulate_gradients, optimizer_step  # noqa: E402
+from ft.training.step import accumulate_gradients, next_token_loss, optimizer_step  # noqa: E402
+from ft.training.step_stats import StepStats  # noqa: E402
 from ft.training.metrics import device_peak_tflops  # noqa: E402
 from ft.training.optim import build_optimizer, build_scheduler  # noqa: E402
 
@@ -316,9 +317,9 @@ class FtTrainer:
 
     def step(self, batches: list[Any]) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; returns this rank's summed loss (device tensor)."""
-        stats = StepStats(loss_sum=torch.zeros((), device=self.gangs.device))
+        stats = StepStats.zero(self.gangs.device)
         accumulate_gradients(self.model, batches, gangs=self.gangs, autocast=self.autocast, scaler=self.scaler,
-                             loss_chunk_size=self.loss_chunk_size, stats=stats)
+                             loss_fn=next_token_loss(self.loss_chunk_size), stats=stats)
         optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, max_grad_norm=self.max_grad_norm)
         return stats.loss_sum
 

@@ -9,7 +9,7 @@ Launch one process per GPU:
 - `--parallel tp`: tensor parallel over all N processes (tp=N, dp=1), every rank
   sees the same batch.
 
-The model is built as the recipe builds it (meta, `parallelize_llama`: per-block
+The model is built as the recipe builds it (meta, `parallelize_model`: per-block
 activation checkpointing, per-block compile, FSDP2 per block then root with
 `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` for `--precision mixed`,
 `to_empty`, `init_weights`), and trained with the recipe's step (`common.FtTrainer`)
@@ -38,21 +38,20 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 from ft.gang import setup_gangs, teardown_gangs  # noqa: E402
-from ft.models import build_model, model_flops_per_token  # noqa: E402
-from ft.models.llama.model import LLAMA_ARCHS  # noqa: E402
-from ft.models.llama.parallelize import parallelize_llama  # noqa: E402
+from ft.models import create_model, find_arch, model_flops_per_token  # noqa: E402
+from ft.models.parallelize import parallelize_model  # noqa: E402
 
 TORCHTITAN_2GPU_TOKENS_PER_S = 8_704  # issue 7: 2 x H200, FSDP, 8B, seq 8192, batch 1, compile + selective AC
 
 
 def tiny_config(arch: str):
-    return dataclasses.replace(LLAMA_ARCHS[arch], vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+    return dataclasses.replace(find_arch(arch)[1], vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                ffn_dim=160, max_seq_len=16384)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="llama3_1_8b", choices=sorted(LLAMA_ARCHS))
+    parser.add_argument("--arch", default="llama3_1_8b", help="a registered arch")
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=1, help="rows per data-parallel rank")
     parser.add_argument("--parallel", choices=("fsdp", "tp"), default="fsdp")
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace, gangs: Any, warmup: int, steps: int) -> int:
     device = gangs.device
     common.setup_torch(device)
     world = gangs.root.size
-    config = tiny_config(args.arch) if args.tiny else LLAMA_ARCHS[args.arch]
+    config = tiny_config(args.arch) if args.tiny else find_arch(args.arch)[1]
     seq_len, batch_size = (64, 2) if args.tiny else (args.seq_len, args.batch_size)
     compile_ = args.compile and device.type == "cuda"
 
@@ -127,15 +126,14 @@ def measure(args, gangs, config, seq_len, batch_size, compile_, warmup, steps, p
     device = gangs.device
     setup_start = time.perf_counter()
     mixed = args.precision == "mixed"
-    model = build_model(config, device="meta", dtype=torch.float32 if mixed else torch.bfloat16)
-    model = parallelize_llama(
-        model, gangs, data_parallelism="fsdp", activation_checkpointing=args.ac, compile=compile_,
-        reshard_after_forward=args.reshard_after_forward, param_dtype=torch.bfloat16 if mixed else None,
-        reduce_dtype=torch.float32,
+    model = create_model(
+        config, device=device, dtype=torch.float32 if mixed else torch.bfloat16, seed=args.seed,
+        parallelize=lambda model: parallelize_model(
+            model, gangs, data_parallelism="fsdp", activation_checkpointing=args.ac, compile=compile_,
+            reshard_after_forward=args.reshard_after_forward, param_dtype=torch.bfloat16 if mixed else None,
+            reduce_dtype=torch.float32,
+        ),
     )
-    model.to_empty(device=device)
-    model.reset_buffers()
-    model.init_weights(args.seed)
     model.train()
     trainer = common.FtTrainer(model=model, gangs=gangs, autocast=common.ft_autocast(device, args.precision,
                                                                                        gangs.dp.size),

@@ -30,7 +30,7 @@ import torch
 
 from ft.generation import GenerateStats, Generator, GeneratorConfig
 from ft.models import build_model
-from ft.models.llama.hf import hf_config_dict
+from ft.models import family_of
 
 
 class _NoTextTokenizer:
@@ -108,7 +108,7 @@ def bench_ft(model, prompts_BT: torch.Tensor, mode: str, args, device) -> dict[s
 def build_hf_model(model, dtype: torch.dtype, device: torch.device):
     import transformers
 
-    hf_config = transformers.LlamaConfig(**hf_config_dict(model.config, dtype=dtype))
+    hf_config = transformers.LlamaConfig(**family_of(model).hf_config(model.config, dtype=dtype))
     with torch.device(device):
         hf = transformers.LlamaForCausalLM(hf_config)
     hf.to(dtype).eval()

@@ -7,9 +7,9 @@ side by side in one process, one workload per invocation:
   c  llama3_2_1b on GSM8K train lengths: ft packing rows of 2048 against HF batches
      of 16 and 32 examples padded to their longest (target and non-pad tokens/s)
 
-ft runs its real training step (`ft.recipes.instruction_finetune.accumulate_gradients`
+ft runs its real training step (`ft.training.step.accumulate_gradients`
 + clip + fused AdamW, see `common.FtTrainer`) on a model built and parallelized as the
-recipe builds it (`build_model` on meta, `parallelize_llama`, `to_empty`, `init_weights`).
+recipe builds it (`ft.models.create_model` with `parallelize_model`).
 The baseline is transformers' `LlamaForCausalLM` of the same shape (random weights,
 `attn_implementation="sdpa"`, loss from `labels=` as HF users compute it), a plain
 PyTorch loop with fused AdamW and the same gradient clipping, eager or `torch.compile`d,
@@ -51,9 +51,9 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 from ft.gang import setup_gangs, teardown_gangs  # noqa: E402
-from ft.models import build_model, model_flops_per_token  # noqa: E402
-from ft.models.llama.model import LLAMA_ARCHS, LlamaConfig, num_parameters  # noqa: E402
-from ft.models.llama.parallelize import parallelize_llama  # noqa: E402
+from ft.models import create_model, family_of, find_arch, model_flops_per_token  # noqa: E402
+from ft.models.family import parameter_count  # noqa: E402
+from ft.models.parallelize import parallelize_model  # noqa: E402
 
 TORCHTITAN_8B_TOKENS_PER_S = 10_797  # issue 7: 1 x H200, pure bf16, 4 x 2048, compile + selective AC
 
@@ -124,9 +124,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_config(arch: str) -> LlamaConfig:
+def tiny_config(arch: str) -> Any:
     """A few-million-FLOP model with the arch's structure (GQA, tying, RoPE scaling)."""
-    real = LLAMA_ARCHS[arch]
+    real = find_arch(arch)[1]
     return dataclasses.replace(real, vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160,
                                max_seq_len=16384, bos_id=1, eos_id=2)
 
@@ -217,24 +217,22 @@ class HfPaddedBatches:
 # Models and steps
 
 
-def build_ft(config: LlamaConfig, variant: Variant, gangs: Any, *, seed: int) -> torch.nn.Module:
+def build_ft(config: Any, variant: Variant, gangs: Any, *, seed: int) -> torch.nn.Module:
     """As the recipe builds it: meta, parallelize (AC, per-block compile), materialize, init."""
     param_dtype = torch.float32 if variant.precision == "mixed" else torch.bfloat16
-    model = build_model(config, device="meta", dtype=param_dtype)
-    model = parallelize_llama(model, gangs, activation_checkpointing=variant.ac, compile=variant.compile)
-    model.to_empty(device=gangs.device)
-    model.reset_buffers()
-    model.init_weights(seed)
+    model = create_model(
+        config, device=gangs.device, dtype=param_dtype, seed=seed,
+        parallelize=lambda model: parallelize_model(model, gangs, activation_checkpointing=variant.ac,
+                                                    compile=variant.compile),
+    )
     model.train()
     return model
 
 
-def build_hf(config: LlamaConfig, variant: Variant, device: torch.device, *, seed: int) -> torch.nn.Module:
+def build_hf(config: Any, variant: Variant, device: torch.device, *, seed: int) -> torch.nn.Module:
     import transformers
 
-    from ft.models.llama.hf import hf_config_dict
-
-    values = hf_config_dict(config)
+    values = family_of(config).hf_config(config)
     values.pop("torch_dtype", None)
     hf_config = transformers.LlamaConfig(**values)
     hf_config.use_cache = False
@@ -278,11 +276,11 @@ class HfTrainer:
         return loss.detach()
 
 
-def preflight(config: LlamaConfig, variant: Variant, device: torch.device) -> str | None:
+def preflight(config: Any, variant: Variant, device: torch.device) -> str | None:
     """A reason to skip a variant whose weights, gradients and AdamW states alone exceed the device."""
     if device.type != "cuda":
         return None
-    n = num_parameters(config)
+    n = parameter_count(config)
     bytes_per_param = 16 if variant.precision == "mixed" else 8  # (w + g) fp32 + 2 fp32 moments; or all bf16
     need = n * bytes_per_param
     have = torch.cuda.get_device_properties(device).total_memory
@@ -293,7 +291,7 @@ def preflight(config: LlamaConfig, variant: Variant, device: torch.device) -> st
     return None
 
 
-def make_step(workload: str, variant: Variant, config: LlamaConfig, ctx: dict[str, Any], gangs: Any,
+def make_step(workload: str, variant: Variant, config: Any, ctx: dict[str, Any], gangs: Any,
               args: argparse.Namespace) -> tuple[Callable[[], common.StepCounts], Any]:
     """The step closure of one variant (and the objects to free afterwards)."""
     device = gangs.device
@@ -368,7 +366,7 @@ def make_step(workload: str, variant: Variant, config: LlamaConfig, ctx: dict[st
     return step, (model, trainer)
 
 
-def run_variant(workload: str, variant: Variant, config: LlamaConfig, ctx: dict[str, Any], gangs: Any,
+def run_variant(workload: str, variant: Variant, config: Any, ctx: dict[str, Any], gangs: Any,
                 args: argparse.Namespace, warmup: int, steps: int) -> dict[str, Any]:
     device = gangs.device
     compile_ = variant.compile and device.type == "cuda"  # inductor on CPU needs minutes: smoke tests run eager
@@ -449,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup, steps = common.resolve_steps(args)
 
     spec = dict(WORKLOADS[args.workload])
-    config = tiny_config(spec["arch"]) if args.tiny else LLAMA_ARCHS[spec["arch"]]
+    config = tiny_config(spec["arch"]) if args.tiny else find_arch(spec["arch"])[1]
     if args.tiny:
         spec.update(batch_size=2, seq_len=64) if args.workload != "c" else spec.update(seq_len=256, max_num_tokens=512)
     if args.max_num_tokens is not None:

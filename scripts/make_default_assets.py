@@ -208,7 +208,7 @@ def make_default_model(out_dir: Path) -> None:
     import torch
 
     from ft.models import build_model
-    from ft.models.llama.hf import save_hf_model
+    from ft.models.hf_export import save_hf_model
     from ft.tokenizers import load_tokenizer
 
     model = build_model("ft_tiny", device="cpu", seed=SEED)

@@ -42,6 +42,9 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             raise ConfigError(self.unknown_message(name, key=key)) from None
 
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
     def unknown_message(self, name: object, *, key: str | None = None) -> str:
         where = f"config key '{key}': " if key else ""
         close = difflib.get_close_matches(str(name), list(self._entries), n=1)

@@ -1,6 +1,5 @@
 """KV-cache decoding gives the logits of a full forward at every position, with
-left-padded batches, for the model's KVCache and the generator's StaticKVCache
-(including reuse across batches, in-place reorder, and the CUDA graph step)."""
+left-padded batches, for the generator's StaticKVCache (including reuse across batches, in-place reorder, and the CUDA graph step)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import torch
 from generation_helpers import random_prompts, tiny_model
 
 from ft.generation import DecodeStep, StaticKVCache
-from ft.models.llama.model import KVCache
 
 LENGTHS = [5, 9, 3]
 NEW = 6
@@ -20,14 +18,13 @@ def full_forward_logits(model, sequence: list[int]) -> torch.Tensor:
         return model(torch.tensor([sequence]))[0]  # [T, V]
 
 
-def decode_with_cache(model, cache, prompts, continuations, *, static: bool) -> list[torch.Tensor]:
+def decode_with_cache(model, cache, prompts, continuations) -> list[torch.Tensor]:
     """Prefill left-padded prompts, feed `continuations` one token per step.
     Returns per row the logits [len(prompt) + NEW, V] at its real positions."""
     B, T0 = len(prompts), max(len(p) for p in prompts)
     tokens_BT = torch.tensor([[0] * (T0 - len(p)) + p for p in prompts])
     mask_BT = torch.tensor([[False] * (T0 - len(p)) + [True] * len(p) for p in prompts])
-    if static:
-        cache.reset(mask_BT)
+    cache.reset(mask_BT)
     positions_BT = (mask_BT.long().cumsum(-1) - 1).clamp(min=0)
     collected = []
     with torch.no_grad():
@@ -42,19 +39,13 @@ def decode_with_cache(model, cache, prompts, continuations, *, static: bool) -> 
     return [all_BTV[b, T0 - len(p) :] for b, p in enumerate(prompts)]
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["KVCache", "StaticKVCache"])
-def test_cached_decoding_matches_full_forward(static):
+def test_cached_decoding_matches_full_forward():
     model = tiny_model()
     prompts = random_prompts(LENGTHS)
     continuations = random_prompts([NEW] * len(LENGTHS), seed=7)
     max_len = max(LENGTHS) + NEW
-    if static:
-        cache = StaticKVCache(model, batch_size=len(prompts), max_len=max_len)
-    else:
-        T0 = max(LENGTHS)
-        mask = torch.tensor([[False] * (T0 - n) + [True] * n for n in LENGTHS])
-        cache = KVCache.for_model(model, batch_size=len(prompts), max_len=max_len, prompt_mask_BT=mask)
-    got = decode_with_cache(model, cache, prompts, continuations, static=static)
+    cache = StaticKVCache(model, batch_size=len(prompts), max_len=max_len)
+    got = decode_with_cache(model, cache, prompts, continuations)
     for b, (p, c) in enumerate(zip(prompts, continuations)):
         expected = full_forward_logits(model, p + c)
         torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-5)
@@ -64,10 +55,10 @@ def test_static_cache_reuse_after_reset_and_reorder():
     model = tiny_model(seed=3)
     cache = StaticKVCache(model, batch_size=3, max_len=max(LENGTHS) + NEW + 4)
     # A first batch leaves stale keys in every slot...
-    decode_with_cache(model, cache, random_prompts([12, 2, 7], seed=5), random_prompts([NEW] * 3, seed=6), static=True)
+    decode_with_cache(model, cache, random_prompts([12, 2, 7], seed=5), random_prompts([NEW] * 3, seed=6))
     # ...which a reset batch never sees.
     prompts, continuations = random_prompts(LENGTHS), random_prompts([NEW] * 3, seed=7)
-    got = decode_with_cache(model, cache, prompts, continuations, static=True)
+    got = decode_with_cache(model, cache, prompts, continuations)
     for b, (p, c) in enumerate(zip(prompts, continuations)):
         torch.testing.assert_close(got[b], full_forward_logits(model, p + c), atol=1e-5, rtol=1e-5)
 

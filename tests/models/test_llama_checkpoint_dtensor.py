@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ft.models import build_model
-from ft.models.llama.hf import save_hf_model
+from ft.models.hf_export import save_hf_model
 
 pytest.importorskip("torch.distributed.tensor")
 
@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, directory: str, arch: str) -> None
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from ft.models.llama.checkpoint import load_checkpoint
+    from ft.models.checkpoint import load_checkpoint
     from ft.models.llama.model import Llama, get_llama_arch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from ft.models import LLAMA_ARCHS, load_model
-from ft.models.llama.hf import save_hf_model, write_hf_config
+from ft.models import load_model
+from ft.models.llama.model import LLAMA_ARCHS
+from ft.models.hf_export import save_hf_model, write_hf_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from ft.errors import ConfigError
+from ft.generation import StaticKVCache
 from ft.models import build_model, model_flops_per_token
 from ft.models.llama.model import (
     LLAMA_ARCHS,
-    KVCache,
     Llama,
     document_causal_mask,
     get_llama_arch,
@@ -163,11 +163,12 @@ def test_kv_cache_decoding_with_left_padding_equals_full_forward(arch):
     for b, (s, n) in enumerate(zip(seqs, lengths)):
         prompt_BT[b, t0 - n :] = s[:n]
         prompt_mask_BT[b, t0 - n :] = True
-    cache = KVCache.for_model(model, batch_size=len(seqs), max_len=t0 + new, prompt_mask_BT=prompt_mask_BT)
+    cache = StaticKVCache(model, batch_size=len(seqs), max_len=t0 + new)
+    cache.reset(prompt_mask_BT)
     positions_BT = (prompt_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         prefill_BTV = model(prompt_BT, positions_BT=positions_BT, kv_cache=cache)
-        assert cache.length == t0
+        assert int(cache.slot) == t0
         steps = [prefill_BTV[:, -1]]
         pos_B1 = positions_BT[:, -1:]
         for i in range(new - 1):
@@ -184,17 +185,18 @@ def test_kv_cache_decoding_with_left_padding_equals_full_forward(arch):
 def test_kv_cache_reorder_selects_rows():
     model = build_model("llama_debug", device="cpu", seed=1).eval()
     prompt_BT = torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(0))
-    cache = KVCache.for_model(model, batch_size=3, max_len=8)
+    cache = StaticKVCache(model, batch_size=3, max_len=8)
+    cache.reset(torch.ones(3, 4, dtype=torch.bool))
     with torch.no_grad():
-        model(prompt_BT, kv_cache=cache)
+        model(prompt_BT, positions_BT=torch.arange(4).expand(3, 4), kv_cache=cache)
         cache.reorder(torch.tensor([2, 2, 0]))  # beam search: row 2 twice, row 0 once
         next_B1 = torch.tensor([[5], [9], [7]])
-        out_BV = model(next_B1, kv_cache=cache)[:, 0]
+        out_BV = model(next_B1, positions_BT=torch.full((3, 1), 4), kv_cache=cache)[:, 0]
         for b, src in enumerate([2, 2, 0]):
             full = model(torch.cat([prompt_BT[src], next_B1[b]])[None])[0, -1]
             torch.testing.assert_close(out_BV[b], full, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="full"):
-        model(torch.zeros(3, 4, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="positions_BT"):
+        model(torch.zeros(3, 1, dtype=torch.long), kv_cache=cache)
 
 
 def test_model_flops_per_token_matches_parameter_count():

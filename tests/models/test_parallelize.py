@@ -10,23 +10,23 @@ weights gathered by `iter_full_state_dict` after training.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import contextlib
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from dist_launcher import run_distributed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from dist_launcher import run_distributed  # noqa: E402
 from ft.errors import ConfigError
 from ft.gang import setup_gangs, teardown_gangs
 from ft.models.llama.model import Llama, LlamaConfig
-from ft.models.llama.checkpoint import load_checkpoint
-from ft.models.llama.parallelize import (
-    check_parallel_layout, iter_full_state_dict, parallelize_llama,
+from ft.models.checkpoint import load_checkpoint
+from ft.models.parallelize import (
+    check_parallel_layout, iter_full_state_dict, parallelize_model,
 )
 from ft.training.loss import chunked_cross_entropy_sum, cross_entropy_sum
 
@@ -83,7 +83,7 @@ def _train_and_compare(rank: int, case: Case) -> None:
 
         with torch.device("meta"):
             model = Llama(config)
-        parallelize_llama(
+        parallelize_model(
             model, gangs, data_parallelism=case.data_parallelism, activation_checkpointing=case.activation_checkpointing,
             loss_parallel=case.loss == "loss_parallel",
         )
@@ -206,7 +206,7 @@ def test_single_process_compile_and_checkpointing(activation_checkpointing, comp
     reference.init_weights(seed=0)
     model = Llama(CONFIG)
     model.load_state_dict(reference.state_dict())
-    parallelize_llama(model, gangs, activation_checkpointing=activation_checkpointing, compile=compile)
+    parallelize_model(model, gangs, activation_checkpointing=activation_checkpointing, compile=compile)
     # Composable checkpointing and module.compile() leave parameter names as HF's.
     assert list(model.state_dict()) == list(reference.state_dict())
     calls = []

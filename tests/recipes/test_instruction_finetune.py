@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ft.recipes.instruction_finetune as recipe
+import ft.training.export as export
+from ft.training.stop_signal import StopSignal
 from tests.recipes.conftest import read_metrics, run_finetune
 
 GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -71,7 +72,7 @@ def stop_after(monkeypatch, n_steps: int) -> None:
         calls["n"] += 1
         return self.flag or calls["n"] == n_steps
 
-    monkeypatch.setattr(recipe._StopSignal, "requested", requested)
+    monkeypatch.setattr(StopSignal, "requested", requested)
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, user_assets, monkeypatch):
@@ -93,7 +94,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, user_assets, monkeypatch):
 def test_crash_while_writing_a_checkpoint_keeps_earlier_ones(tmp_path, user_assets, monkeypatch):
     out = tmp_path / "run"
     settings = ["max_num_steps=6", "checkpoint_every_n_steps=2", "keep_last_n_checkpoints=2", "save_model_dtype=float32"]
-    real_save = recipe.save_hf_state_dict
+    real_save = export.save_hf_state_dict
     calls = {"n": 0}
 
     def crashing_save(items, config, directory, **kwargs):
@@ -104,7 +105,7 @@ def test_crash_while_writing_a_checkpoint_keeps_earlier_ones(tmp_path, user_asse
         return real_save(items, config, directory, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(recipe, "save_hf_state_dict", crashing_save)
+        patch.setattr(export, "save_hf_state_dict", crashing_save)
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_finetune(out, *settings)
     checkpoints = out / "checkpoints"
@@ -195,6 +196,8 @@ def test_reduced_precision_runs(tmp_path, user_assets, precision):
     assert run_finetune(out, "max_num_steps=3", *precision) == 0
     losses = [m["loss"] for m in read_metrics(out)]
     assert all(0 < loss < 20 for loss in losses) and losses[-1] < losses[0]
-    extra = torch.load(out / "checkpoints" / "step_3" / "trainer" / "extra.pt", weights_only=False)
+    from ft.training.extra_state import load_extra_state
+
+    extra = load_extra_state(out / "checkpoints" / "step_3" / "trainer")
     # float16 trains through a gradient scaler whose state is checkpointed.
     assert bool(extra["scaler"]) == (precision == ["dtype=float16"])

@@ -9,7 +9,8 @@ from ft.data.formats import Example
 from ft.data.packing import collate
 from ft.models import build_model
 from ft.models.llama.model import LlamaConfig
-from ft.recipes.instruction_finetune import StepStats, accumulate_gradients
+from ft.training.step import accumulate_gradients, next_token_loss
+from ft.training.step_stats import StepStats
 from ft.training.loss import chunked_cross_entropy_sum, cross_entropy_sum
 
 CONFIG = LlamaConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
@@ -103,9 +104,9 @@ def test_two_accumulation_steps_equal_one_big_step():
         m = model()
         # SGD: the update is the gradient itself (Adam would amplify float noise on ~0 gradients).
         opt = torch.optim.SGD(m.parameters(), lr=1e-1)
-        stats = StepStats(loss_sum=torch.zeros(()))
+        stats = StepStats.zero(torch.device("cpu"))
         accumulate_gradients(m, batches, gangs=gangs, autocast=contextlib.nullcontext(), scaler=scaler,
-                             loss_chunk_size=7, stats=stats)
+                             loss_fn=next_token_loss(7), stats=stats)
         g = grads(m)
         opt.step()
         return g, m.state_dict(), stats

@@ -1,12 +1,16 @@
-"""`StaticKVCache`: the model's preallocated `KVCache` with every shape fixed, so a
-decoding step can be captured once as a CUDA graph (or compiled) and replayed.
+"""`StaticKVCache`: preallocated keys/values of every layer for incremental decoding,
+with every shape fixed, so a decoding step can be captured once as a CUDA graph (or
+compiled) and replayed.
 
-`ft.models.llama.model.KVCache` slices its buffers to the filled length and keeps
-that length as a Python int, so each step has new shapes and a new slot baked in.
-Here the next slot lives on the device (`slot`, a 0-d long tensor advanced in
-place), new keys are written with `index_copy_` at that slot, and attention always
-spans all `max_len` slots with a mask that hides the unfilled ones. Numerically the
-two caches agree: masked slots get zero attention weight.
+Layout: `k[i]`, `v[i]` are [B, n_kv_heads, max_len, head_dim] for layer i. The next
+slot lives on the device (`slot`, a 0-d long tensor advanced in place), new keys are
+written with `index_copy_` at that slot, and attention always spans all `max_len`
+slots with a mask that hides the unfilled ones and the left padding of each prompt
+(`valid_BS`). The model is called with explicit `positions_BT`.
+
+The buffers take their head count and head size from the first keys written (the
+prefill): under tensor parallelism a rank holds only its share of the heads, and
+the cache needs no family-specific knowledge to find out how many.
 
 The cache is reused across batches of one `generate` call: `reset(prompt_mask_BT)`
 starts a new batch without reallocating, so buffer addresses (and a captured graph)
@@ -16,31 +20,27 @@ stay valid.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
-from ft.models.llama.model import KVCache, Llama
+from torch import Tensor, nn
 
 
-class StaticKVCache(KVCache):
-    """A `KVCache` whose forward-time methods use only fixed shapes and device state.
+class StaticKVCache:
+    """Keys/values of `n_layers` layers for `batch_size` rows of up to `max_len` tokens."""
 
-    The filled length is `slot` on the device; the inherited Python `length` is not
-    maintained (it stays 0), so pass `positions_BT` to the model explicitly.
-    """
-
-    def __init__(self, model: Llama, *, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        c = model.config
+    def __init__(self, model: nn.Module, *, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         weight = model.model.embed_tokens.weight
-        # Under tensor parallelism each rank's attention holds only its share of the
-        # heads (parallelize_llama divides the counts), so ask the module, not the config.
-        n_kv_heads = model.model.layers[0].self_attn.n_kv_heads
-        super().__init__(
-            n_layers=c.n_layers, batch_size=batch_size, max_len=max_len, n_kv_heads=n_kv_heads,
-            head_dim=c.head_dim, device=weight.device, dtype=dtype or weight.dtype,
-        )
         device = weight.device
+        self.n_layers = model.config.n_layers
+        self.max_len = max_len
+        self.dtype = dtype or weight.dtype
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.valid_BS = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.slot = torch.zeros((), dtype=torch.long, device=device)
         self._slots_S = torch.arange(max_len, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid_BS.shape[0]
 
     def reset(self, prompt_mask_BT: Tensor) -> None:
         """Start a new batch: slots [0, T) will hold the prompts, False at left padding."""
@@ -53,10 +53,18 @@ class StaticKVCache(KVCache):
 
     def update(self, layer: int, k_BNTH: Tensor, v_BNTH: Tensor) -> tuple[Tensor, Tensor]:
         """Write the T new keys/values at slots [slot, slot + T); return the whole buffers."""
+        if not self.k:
+            self._allocate(k_BNTH.shape[1], k_BNTH.shape[3])
         index_T = self.slot + self._slots_S[: k_BNTH.shape[2]]
         self.k[layer].index_copy_(2, index_T, k_BNTH)
         self.v[layer].index_copy_(2, index_T, v_BNTH)
         return self.k[layer], self.v[layer]
+
+    def _allocate(self, n_kv_heads: int, head_dim: int) -> None:
+        shape = (self.batch_size, n_kv_heads, self.max_len, head_dim)
+        device = self.valid_BS.device
+        self.k = [torch.zeros(shape, device=device, dtype=self.dtype) for _ in range(self.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=self.dtype) for _ in range(self.n_layers)]
 
     def attention_mask(self, num_new: int) -> Tensor:
         """[B, 1, T, max_len]: causal over the filled slots, minus left padding."""

@@ -13,17 +13,16 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ft.generation.cache import StaticKVCache
-from ft.models.llama.model import Llama
 
 log = logging.getLogger("ft")
 
 _WARMUP_STEPS = 3
 
 
-def decode_forward(model: Llama, cache: StaticKVCache, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
+def decode_forward(model: nn.Module, cache: StaticKVCache, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
     """The model's logits [B, V] after feeding one token per row into `cache`."""
     return model(tokens_B1, positions_BT=positions_B1, kv_cache=cache)[:, -1]
 
@@ -49,7 +48,7 @@ class DecodeStep:
     overwrites: consume it (sample from it) before stepping again.
     """
 
-    def __init__(self, model: Llama, cache: StaticKVCache, *, cuda_graph: bool, compile: bool) -> None:
+    def __init__(self, model: nn.Module, cache: StaticKVCache, *, cuda_graph: bool, compile: bool) -> None:
         self.model = model
         self.cache = cache
         is_cuda = cache.valid_BS.is_cuda

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ft.errors import ConfigError, DataError
 from ft.generation.beam_search import beam_search
 from ft.generation.cache import StaticKVCache
 from ft.generation.decode_step import DecodeStep
 from ft.generation.sampling import TokenSampler
-from ft.models.llama.model import Llama
 
 log = logging.getLogger("ft")
 
@@ -120,7 +119,7 @@ class Generator:
     `generate(...)` is the one-shot form.
     """
 
-    def __init__(self, model: Llama, tokenizer, config: GeneratorConfig, *, stop_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer, config: GeneratorConfig, *, stop_ids: Sequence[int] | None = None) -> None:
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.stop_ids = list(tokenizer.stop_ids if stop_ids is None else stop_ids)
@@ -193,7 +192,7 @@ class Generator:
 
 
 def generate(
-    model: Llama,
+    model: nn.Module,
     tokenizer,
     prompts: Sequence[Sequence[int] | str],
     config: GeneratorConfig,
@@ -211,7 +210,7 @@ def generate(
     return generator(prompts, progress=progress, stats=stats)
 
 
-def prefill(model: Llama, cache: StaticKVCache, prompts: list[list[int]], rows_per_prompt: int) -> tuple[Tensor, Tensor, Tensor]:
+def prefill(model: nn.Module, cache: StaticKVCache, prompts: list[list[int]], rows_per_prompt: int) -> tuple[Tensor, Tensor, Tensor]:
     """Left-pad `prompts` (each repeated `rows_per_prompt` times, then dummy rows up to the
     cache's batch size), run them through the model into the cache.
 
@@ -238,7 +237,7 @@ def prefill(model: Llama, cache: StaticKVCache, prompts: list[list[int]], rows_p
 
 
 def _sampling_batch(
-    model: Llama,
+    model: nn.Module,
     cache: StaticKVCache,
     step: DecodeStep,
     sampler: TokenSampler,
@@ -292,7 +291,7 @@ def _sampling_batch(
 
 
 def _beam_batch(
-    model: Llama,
+    model: nn.Module,
     cache: StaticKVCache,
     step: DecodeStep,
     prompts: list[list[int]],

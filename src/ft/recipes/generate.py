@@ -32,10 +32,8 @@ from ft.data import PromptRow, read_prompts
 from ft.errors import CheckpointError, ConfigError
 from ft.gang import Gang, Gangs, setup_gangs
 from ft.generation import Generation, GenerateStats, GeneratorConfig, ScoreSummary, generate
-from ft.models import ModelSource, build_model
-from ft.models.llama.checkpoint import load_checkpoint
-from ft.models.llama.model import Llama
-from ft.models.llama.parallelize import check_parallel_layout, parallelize_llama
+from ft.models import ModelSource, create_model
+from ft.models.parallelize import check_parallel_layout, parallelize_model
 from ft.recipes.cli_support import recipe_command
 from ft.recipes.lm_setup import resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
 
@@ -130,14 +128,14 @@ def _generate(config: GenerateConfig, output_dir: Path, gangs: Gangs) -> int:
     return 0
 
 
-def _load_model(source: ModelSource, gangs: Gangs, dtype: torch.dtype) -> Llama:
+def _load_model(source: ModelSource, gangs: Gangs, dtype: torch.dtype) -> torch.nn.Module:
     """Built on meta, tensor-parallelized, then each rank reads only its shard. No data
     parallelism is applied: dp ranks decode different prompts, independently."""
-    model = build_model(source.config, device="meta", dtype=dtype)
-    model = parallelize_llama(model, dataclasses.replace(gangs, dp=Gang(0, 1, None)))
-    model.to_empty(device=gangs.device)
-    model.reset_buffers()
-    load_checkpoint(model, source.checkpoint)  # checked in _generate
+    tp_only = dataclasses.replace(gangs, dp=Gang(0, 1, None))
+    model = create_model(
+        source.config, device=gangs.device, dtype=dtype, checkpoint=source.checkpoint,  # checked in _generate
+        parallelize=lambda model: parallelize_model(model, tp_only),
+    )
     return model.eval()
 
 

@@ -1,99 +1,22 @@
-"""Loading Llama weights from disk into an existing (possibly meta-built, then
-`to_empty`'d) model, and reading the model config that sits beside them.
-
-Formats:
-- Hugging Face directory of `*.safetensors` (one file, or shards with
-  `model.safetensors.index.json`); ft step directories use the same layout. Each
-  tensor is read through a memory map (`safe_open`) and copied straight into the
-  existing parameter storage (cast to its dtype and device on the way), one tensor
-  at a time: never a whole state dict in memory, never two copies of a tensor. A
-  parameter that is a DTensor (FSDP2 / TP) gets only its local shard read from disk.
-- Meta `consolidated.NN.pth` (one per model-parallel rank) + `params.json`: shards
-  are concatenated along each weight's split dimension, keys renamed to HF names,
-  and wq/wk permuted from Meta's interleaved RoPE layout to rotate-half.
-
-Missing or unexpected tensors and shape mismatches raise CheckpointError naming
-the tensor and the file.
+"""Llama checkpoints: HF `config.json` and Meta `params.json` to `LlamaConfig`, and
+Meta `consolidated.NN.pth` shards converted to HF names and layout: shards are
+concatenated along each weight's split dimension, keys renamed, and wq/wk permuted
+from Meta's interleaved RoPE layout to rotate-half. Loading into a model is generic
+(`ft.models.checkpoint`).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ft.errors import CheckpointError
-from ft.models.llama.model import Llama, LlamaConfig, LlamaRopeScaling
-
-HF_INDEX = "model.safetensors.index.json"
-
-# Keys some checkpoints carry that hold no weights of ours (old HF exports stored the RoPE table).
-_IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^rope\.freqs$")
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-}
-
-
-# ---------------------------------------------------------------------------------
-# Format detection and configs
-
-
-def checkpoint_format(path: Path) -> str:
-    """'hf' (safetensors dir, also ft step dirs) or 'meta' (consolidated.NN.pth)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_file():
-        if path.suffix == ".pth":
-            return "meta"
-        if path.suffix == ".safetensors":
-            return "hf"
-        raise CheckpointError(f"checkpoint {path}: expected a directory, a *.safetensors or a consolidated.NN.pth file")
-    if any(path.glob("*.safetensors")):
-        return "hf"
-    if any(path.glob("consolidated.*.pth")):
-        return "meta"
-    raise CheckpointError(
-        f"checkpoint directory {path} holds neither *.safetensors files (Hugging Face / ft layout) "
-        "nor consolidated.NN.pth files (Meta layout)"
-    )
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    return path if path.is_dir() else path.parent
-
-
-def read_checkpoint_config(path: Path) -> LlamaConfig:
-    """The config stored beside a checkpoint: HF `config.json` or Meta `params.json`."""
-    path = Path(path)
-    fmt = checkpoint_format(path)
-    directory = _checkpoint_dir(path)
-    if fmt == "hf":
-        file = directory / "config.json"
-        if not file.is_file():
-            raise CheckpointError(
-                f"{directory} has safetensors but no config.json; name the arch in a card (model_arch) "
-                "or write one with `ft llama write_hf_config --model ARCH DIR`"
-            )
-        return config_from_hf_dict(_read_json(file), source=str(file))
-    file = directory / "params.json"
-    if not file.is_file():
-        raise CheckpointError(f"Meta checkpoint {directory} has no params.json; name the arch in a card (model_arch)")
-    return config_from_meta_params(_read_json(file), source=str(file))
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{file} is not valid JSON: {error}") from None
-
+from ft.models.checkpoint import IGNORED_KEY, meta_shard_files
+from ft.models.llama.model import LlamaConfig, LlamaRopeScaling
 
 def config_from_hf_dict(d: dict, *, source: str = "config.json") -> LlamaConfig:
     """LlamaConfig from an HF Llama config.json (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
@@ -194,167 +117,6 @@ def config_from_meta_params(p: dict, *, source: str = "params.json") -> LlamaCon
         raise CheckpointError(f"{source}: missing key {error.args[0]!r}") from None
 
 
-# ---------------------------------------------------------------------------------
-# Loading into a model
-
-
-def load_checkpoint(model: Llama, path: Path) -> None:
-    """Load the weights at `path` (any supported format) into `model` in place."""
-    path = Path(path)
-    if checkpoint_format(path) == "hf":
-        load_hf_checkpoint(model, path)
-    else:
-        load_meta_checkpoint(model, path)
-
-
-def _expected_params(model: nn.Module) -> dict[str, Tensor]:
-    """Checkpoint key -> parameter; a tied lm_head is not expected on disk."""
-    params = dict(model.named_parameters(remove_duplicate=True))
-    return params
-
-
-def hf_safetensors_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> file of an HF safetensors dir (index, else every *.safetensors)."""
-    index = directory / HF_INDEX
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map'")
-        files = {name: directory / file for name, file in weight_map.items()}
-        for file in set(files.values()):
-            if not file.is_file():
-                raise CheckpointError(f"{index} names {file.name}, which is missing from {directory}")
-        return files
-    from safetensors import safe_open
-
-    files = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if name in files:
-                    raise CheckpointError(f"tensor {name!r} is in both {files[name].name} and {file.name} of {directory}")
-                files[name] = file
-    return files
-
-
-def _local_slices(param: Tensor) -> tuple[Tensor, tuple[slice, ...] | None]:
-    """(local storage to fill, slices of the full tensor it holds; None = all of it)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return param, None
-    if not isinstance(param, DTensor):
-        return param, None
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return param.to_local(), tuple(slice(o, o + s) for o, s in zip(offset, shape))
-
-
-@torch.no_grad()
-def load_hf_checkpoint(model: Llama, path: Path) -> None:
-    """Load an HF / ft safetensors dir (or one .safetensors file) into `model`, tensor by tensor."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    files = {n: path for n in _safetensors_keys(path)} if path.is_file() else hf_safetensors_files(path)
-    params = _expected_params(model)
-    tied = model.config.tie_embeddings
-    for name, file in files.items():
-        if _IGNORED_KEY.search(name) or (tied and name == "lm_head.weight"):
-            continue
-        if name not in params:
-            raise CheckpointError(f"unexpected tensor {name!r} in {file}: the model has no such parameter")
-    missing = [n for n in params if n not in files]
-    if missing:
-        raise CheckpointError(
-            f"tensor {missing[0]!r} is missing from checkpoint {path}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    by_file: dict[Path, list[str]] = {}
-    for name in params:
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
-        # Reading on CPU through the mmap: only the bytes of the tensor (or local shard)
-        # being copied are paged in, and the copy lands in the parameter's own storage.
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in names:
-                param = params[name]
-                disk = f.get_slice(name)
-                shape = tuple(disk.get_shape())
-                if shape != tuple(param.shape):
-                    raise CheckpointError(
-                        f"tensor {name!r} in {file} has shape {list(shape)}, the model expects {list(param.shape)}"
-                    )
-                local, slices = _local_slices(param)
-                tensor = disk[slices] if slices is not None else f.get_tensor(name)
-                local.copy_(tensor)
-                del tensor
-    if tied and "lm_head.weight" in files and not isinstance(params["model.embed_tokens.weight"], _dtensor_type()):
-        _check_tied_head(params["model.embed_tokens.weight"], files["lm_head.weight"])
-
-
-def _dtensor_type() -> type:
-    try:
-        from torch.distributed.tensor import DTensor
-
-        return DTensor
-    except ImportError:  # pragma: no cover
-        return type(None)
-
-
-def _check_tied_head(embedding: Tensor, file: Path) -> None:
-    """A tied config must not silently drop a trained, different lm_head."""
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        head = f.get_tensor("lm_head.weight")
-    if head.shape != embedding.shape or not torch.equal(head.to(embedding.dtype), embedding.cpu()):
-        raise CheckpointError(
-            f"tensor 'lm_head.weight' in {file} differs from model.embed_tokens.weight, but the config ties "
-            "them (tie_embeddings / tie_word_embeddings); use an untied config for this checkpoint"
-        )
-
-
-def _safetensors_keys(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        return list(f.keys())
-
-
-def checkpoint_dtype(path: Path) -> torch.dtype:
-    """The dtype the checkpoint's floating-point weights are stored in."""
-    path = Path(path)
-    if checkpoint_format(path) == "hf":
-        from safetensors import safe_open
-
-        files = [path] if path.is_file() else sorted(_checkpoint_dir(path).glob("*.safetensors"))
-        with safe_open(str(files[0]), framework="pt") as f:
-            for name in f.keys():
-                dtype = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
-                if dtype is not None and dtype.is_floating_point:
-                    return dtype
-        return torch.float32
-    shard = torch.load(_meta_shard_files(path)[0], map_location="cpu", mmap=True, weights_only=True)
-    for tensor in shard.values():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
-
-
-# ---------------------------------------------------------------------------------
-# Meta consolidated.NN.pth
-
-
-def _meta_shard_files(path: Path) -> list[Path]:
-    directory = _checkpoint_dir(Path(path))
-    files = sorted(directory.glob("consolidated.*.pth"))
-    if not files:
-        raise CheckpointError(f"no consolidated.NN.pth files in {directory}")
-    return files
-
-
 _META_KEYS = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
@@ -366,7 +128,11 @@ _META_KEYS = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+
+
 _META_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
 # Split dim of each model-parallel weight (fairscale / Meta's llama code): column-parallel
 # layers split their output rows, row-parallel layers (wo, w2) their input columns.
 _META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
@@ -404,7 +170,7 @@ def _merge_meta_shards(key: str, shards: list[Tensor], dim: int) -> Tensor:
 
 def iter_meta_state_dict(path: Path, config: LlamaConfig) -> Iterator[tuple[str, Tensor, Path]]:
     """(HF name, tensor, file) of a Meta checkpoint, converted key by key."""
-    files = _meta_shard_files(path)
+    files = meta_shard_files(path)
     shards = []
     for file in files:
         try:
@@ -414,7 +180,7 @@ def iter_meta_state_dict(path: Path, config: LlamaConfig) -> Iterator[tuple[str,
     for key in shards[0]:
         name = meta_to_hf_key(key)
         if name is None:
-            if _IGNORED_KEY.search(key):
+            if IGNORED_KEY.search(key):
                 continue
             raise CheckpointError(f"unexpected tensor {key!r} in {files[0]}: not a Llama weight")
         parts = []
@@ -429,47 +195,3 @@ def iter_meta_state_dict(path: Path, config: LlamaConfig) -> Iterator[tuple[str,
             tensor = permute_meta_to_hf(tensor, config.n_kv_heads)
         yield name, tensor, files[0]
 
-
-@torch.no_grad()
-def load_meta_checkpoint(model: Llama, path: Path) -> None:
-    """Load Meta `consolidated.NN.pth` shard(s) into `model` (rename + q/k permute)."""
-    params = _expected_params(model)
-    seen = set()
-    for name, tensor, file in iter_meta_state_dict(path, model.config):
-        if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue  # Meta stores output.weight even for tied models; it equals the embedding
-        if name not in params:
-            raise CheckpointError(f"unexpected tensor {name!r} in {file}: the model has no such parameter")
-        param = params[name]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"tensor {name!r} (converted from {file}) has shape {list(tensor.shape)}, the model expects {list(param.shape)}"
-            )
-        local, slices = _local_slices(param)
-        local.copy_(tensor[slices] if slices is not None else tensor)
-        seen.add(name)
-    missing = [n for n in params if n not in seen]
-    if missing:
-        raise CheckpointError(f"tensor {missing[0]!r} is missing from Meta checkpoint {_checkpoint_dir(Path(path))}")
-
-
-def check_hf_dir_matches(config: LlamaConfig, directory: Path) -> None:
-    """Raise CheckpointError if the safetensors in `directory` do not fit `config` (names and shapes only)."""
-    from safetensors import safe_open
-
-    with torch.device("meta"):
-        model = Llama(config)
-    params = _expected_params(model)
-    files = hf_safetensors_files(Path(directory))
-    for name, file in files.items():
-        if _IGNORED_KEY.search(name) or (config.tie_embeddings and name == "lm_head.weight"):
-            continue
-        if name not in params:
-            raise CheckpointError(f"unexpected tensor {name!r} in {file}: the model has no such parameter")
-        with safe_open(str(file), framework="pt") as f:
-            shape = list(f.get_slice(name).get_shape())
-        if shape != list(params[name].shape):
-            raise CheckpointError(f"tensor {name!r} in {file} has shape {shape}, the arch expects {list(params[name].shape)}")
-    missing = [n for n in params if n not in files]
-    if missing:
-        raise CheckpointError(f"tensor {missing[0]!r} is missing from {directory}")

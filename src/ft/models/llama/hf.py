@@ -1,36 +1,14 @@
-"""Hugging Face export of Llama models: `config.json` / `generation_config.json`
-and safetensors shards (+ `model.safetensors.index.json`), so a directory loads with
-`transformers.AutoModelForCausalLM.from_pretrained(dir)` and vLLM's
-`LlamaForCausalLM` without a conversion step.
-
-Our parameter names already are HF's, so export is a plain save; a tied `lm_head`
-is left out, as transformers does. `save_hf_state_dict` takes any iterator of
-(name, tensor) so a distributed trainer can stream gathered tensors one at a time.
-"""
+"""The HF `config.json` / `generation_config.json` of a Llama (`LlamaForCausalLM`);
+the weights need no conversion: our parameter names already are HF's."""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
-from torch import Tensor
 
-from ft.models.llama.checkpoint import HF_INDEX
-from ft.models.llama.model import Llama, LlamaConfig
-
-DEFAULT_MAX_SHARD_SIZE_BYTES = 5 * 1024**3
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"cannot export Llama weights as {dtype}; use one of {sorted(_DTYPE_NAMES.values())}") from None
+from ft.models.hf_export import dtype_name
+from ft.models.llama.model import LlamaConfig
 
 
 def hf_config_dict(config: LlamaConfig, *, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
@@ -59,7 +37,7 @@ def hf_config_dict(config: LlamaConfig, *, dtype: torch.dtype = torch.bfloat16) 
         "bos_token_id": config.bos_id,
         "eos_token_id": config.eos_id,
         # transformers < 4.56 and vLLM read `torch_dtype`, newer transformers `dtype`.
-        "torch_dtype": _dtype_name(dtype),
+        "torch_dtype": dtype_name(dtype),
     }
     if config.pad_id is not None:
         d["pad_token_id"] = config.pad_id
@@ -81,104 +59,3 @@ def hf_generation_config_dict(config: LlamaConfig) -> dict[str, Any]:
     if config.pad_id is not None:
         d["pad_token_id"] = config.pad_id
     return d
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def write_hf_config(config: LlamaConfig, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write `config.json` and `generation_config.json` into the existing `out_dir`."""
-    out = Path(out_dir)
-    _write_json(out / "config.json", hf_config_dict(config, dtype=dtype))
-    _write_json(out / "generation_config.json", hf_generation_config_dict(config))
-
-
-def save_hf_state_dict(
-    state_dict_items: Iterable[tuple[str, Tensor]],
-    config: LlamaConfig,
-    out_dir: str | os.PathLike,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
-    tokenizer: Any = None,
-) -> list[Path]:
-    """Write (name, tensor) pairs as HF safetensors shards + config files into `out_dir`.
-
-    Tensors must be plain (full, not DTensor) tensors; they are cast to `dtype` and
-    moved to CPU one at a time, and a shard is written as soon as it would exceed
-    `max_shard_size_bytes`, so at most one shard is held in memory. One shard is
-    `model.safetensors`; several are `model-0000i-of-0000n.safetensors` plus
-    `model.safetensors.index.json`. Returns the written weight files.
-    """
-    from safetensors.torch import save_file
-
-    _dtype_name(dtype)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model*.safetensors"), out / HF_INDEX]:
-        stale.unlink(missing_ok=True)  # a previous export with a different shard count
-
-    temp_files: list[tuple[Path, list[str]]] = []
-    shard: dict[str, Tensor] = {}
-    shard_bytes = 0
-    total_bytes = 0
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        if not shard:
-            return
-        file = out / f"model-{len(temp_files) + 1:05d}.safetensors.tmp"
-        save_file(shard, str(file), metadata={"format": "pt"})
-        temp_files.append((file, list(shard)))
-        shard, shard_bytes = {}, 0
-
-    seen = set()
-    for name, tensor in state_dict_items:
-        if config.tie_embeddings and name == "lm_head.weight":
-            continue  # transformers re-ties it from embed_tokens
-        if name in seen:
-            raise ValueError(f"tensor {name!r} given twice")
-        seen.add(name)
-        tensor = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + size > max_shard_size_bytes:
-            flush()
-        shard[name] = tensor
-        shard_bytes += size
-        total_bytes += size
-    flush()
-    if not temp_files:
-        raise ValueError("no tensors to save")
-
-    written = []
-    weight_map = {}
-    n = len(temp_files)
-    for i, (tmp, names) in enumerate(temp_files, start=1):
-        final = out / ("model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors")
-        os.replace(tmp, final)
-        written.append(final)
-        weight_map.update({name: final.name for name in names})
-    if n > 1:
-        _write_json(out / HF_INDEX, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
-    write_hf_config(config, out, dtype=dtype)
-    if tokenizer is not None and hasattr(tokenizer, "save_hf"):
-        tokenizer.save_hf(out)
-    return written
-
-
-def save_hf_model(
-    model: Llama,
-    out_dir: str | os.PathLike,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
-    tokenizer: Any = None,
-) -> list[Path]:
-    """Save a (non-distributed) `Llama` as an HF directory; see `save_hf_state_dict`."""
-    return save_hf_state_dict(
-        model.state_dict().items(), model.config, out_dir, dtype=dtype,
-        max_shard_size_bytes=max_shard_size_bytes, tokenizer=tokenizer,
-    )

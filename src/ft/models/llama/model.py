@@ -1,6 +1,6 @@
 """The native Llama family: `LlamaConfig`, the named archs in `LLAMA_ARCHS`, the
 `Llama` module (Hugging Face parameter names and rotate-half RoPE, so an HF
-`LlamaForCausalLM` state dict loads as it is) and the `KVCache` used for decoding.
+`LlamaForCausalLM` state dict loads as it is).
 
 The model knows nothing of parallelism: plain `nn.Linear` / `nn.Embedding`. It is
 meant to be built on the meta device, parallelized from outside, materialized with
@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ft.errors import ConfigError
+from ft.models.family import KVCache
+from ft.registry import Registry
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -102,23 +104,16 @@ def update_llama_config(config: LlamaConfig, overrides: Mapping[str, Any], *, so
     return dataclasses.replace(config, **values)
 
 
-LLAMA_ARCHS: dict[str, LlamaConfig] = {}
+LLAMA_ARCHS: Registry[LlamaConfig] = Registry("Llama arch")
 
 
 def register_llama_arch(name: str, config: LlamaConfig) -> None:
-    if name in LLAMA_ARCHS:
-        raise ValueError(f"Llama arch {name!r} is already registered")
-    LLAMA_ARCHS[name] = config
+    LLAMA_ARCHS.register(name, config)
 
 
 def get_llama_arch(name: str) -> LlamaConfig:
     """The named arch; ConfigError listing the known names on a miss."""
-    try:
-        return LLAMA_ARCHS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(LLAMA_ARCHS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown Llama arch {name!r}{hint}; known archs: {', '.join(sorted(LLAMA_ARCHS))}") from None
+    return LLAMA_ARCHS.get(name)
 
 
 def _register_archs() -> None:
@@ -236,104 +231,6 @@ def apply_rope(x_BNTH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor:
     return x_BNTH * cos_BTH[:, None] + _rotate_half(x_BNTH) * sin_BTH[:, None]
 
 
-class KVCache:
-    """Preallocated keys/values of every layer for incremental decoding.
-
-    Layout: `k[i]`, `v[i]` are [B, n_kv_heads, max_len, head_dim] for layer i;
-    `length` slots are filled (the same number for every row); `valid_BS` [B, max_len]
-    is False at slots holding left padding, which no query attends to.
-
-    A generator uses it as follows (prompts left-padded to a common length T0)::
-
-        cache = KVCache.for_model(model, batch_size=B, max_len=T0 + max_new_tokens,
-                                  prompt_mask_BT=prompt_mask_BT)  # False at left padding
-        positions_BT = (prompt_mask_BT.cumsum(-1) - 1).clamp(min=0)  # 0 at first real token
-        logits_BTV = model(prompt_BT, positions_BT=positions_BT, kv_cache=cache)  # prefill
-        next_pos_B1 = positions_BT[:, -1:] + 1
-        logits_B1V = model(next_B1, positions_BT=next_pos_B1, kv_cache=cache)  # one step
-        cache.reorder(beam_indices_B)  # beam search: keep / duplicate / drop rows
-
-    Each forward call writes its T new keys at slots [length, length + T) and then
-    advances `length` by T. A query always sees its own slot, so padding rows stay
-    finite (their outputs are meaningless and must be ignored).
-    """
-
-    def __init__(
-        self,
-        *,
-        n_layers: int,
-        batch_size: int,
-        max_len: int,
-        n_kv_heads: int,
-        head_dim: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        prompt_mask_BT: Tensor | None = None,
-    ) -> None:
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.max_len = max_len
-        self.length = 0
-        self.valid_BS = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-        if prompt_mask_BT is not None:
-            if prompt_mask_BT.shape[0] != batch_size or prompt_mask_BT.shape[1] > max_len:
-                raise ValueError(f"prompt_mask_BT {tuple(prompt_mask_BT.shape)} does not fit batch {batch_size} x {max_len}")
-            self.valid_BS[:, : prompt_mask_BT.shape[1]] = prompt_mask_BT.to(device=device, dtype=torch.bool)
-
-    @classmethod
-    def for_model(
-        cls,
-        model: "Llama",
-        *,
-        batch_size: int,
-        max_len: int,
-        prompt_mask_BT: Tensor | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> "KVCache":
-        c = model.config
-        weight = model.model.embed_tokens.weight
-        return cls(
-            n_layers=c.n_layers, batch_size=batch_size, max_len=max_len, n_kv_heads=c.n_kv_heads,
-            head_dim=c.head_dim, device=weight.device, dtype=dtype or weight.dtype, prompt_mask_BT=prompt_mask_BT,
-        )
-
-    @property
-    def batch_size(self) -> int:
-        return self.valid_BS.shape[0]
-
-    def update(self, layer: int, k_BNTH: Tensor, v_BNTH: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the new keys/values of `layer` at the next slots; return all filled slots."""
-        start, end = self.length, self.length + k_BNTH.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, max_len={self.max_len}")
-        self.k[layer][:, :, start:end] = k_BNTH
-        self.v[layer][:, :, start:end] = v_BNTH
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def attention_mask(self, num_new: int) -> Tensor:
-        """[B, 1, T, S] boolean mask of the T new queries over the S = length + T filled slots."""
-        end = self.length + num_new
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, max_len={self.max_len}")
-        device = self.valid_BS.device
-        q_slot_T1 = torch.arange(self.length, end, device=device)[:, None]
-        k_slot_1S = torch.arange(end, device=device)[None, :]
-        causal_TS = k_slot_1S <= q_slot_T1
-        own_TS = k_slot_1S == q_slot_T1
-        return (causal_TS[None] & (self.valid_BS[:, None, :end] | own_TS[None]))[:, None]
-
-    def advance(self, num_new: int) -> None:
-        self.length += num_new
-
-    def reorder(self, indices_B: Tensor) -> None:
-        """Keep rows `indices_B` in that order (may repeat or drop rows: beam search)."""
-        indices_B = indices_B.to(self.valid_BS.device)
-        self.k = [k.index_select(0, indices_B) for k in self.k]
-        self.v = [v.index_select(0, indices_B) for v in self.v]
-        self.valid_BS = self.valid_BS.index_select(0, indices_B)
-
-
 # An attention mask: None (plain causal), a boolean SDPA mask [B, 1, T, S] (True =
 # attend), or a FlexAttention BlockMask.
 AttentionMask = Any
@@ -373,7 +270,9 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        # Head counts are not kept: under tensor parallelism a rank holds only its
+        # share of the heads, so forward reads them from the projections' outputs.
+        self.head_dim = config.head_dim
         self.q_proj = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
@@ -383,14 +282,14 @@ class Attention(nn.Module):
         self, x_BTD: Tensor, cos_BTH: Tensor, sin_BTH: Tensor, mask: AttentionMask, kv_cache: KVCache | None
     ) -> Tensor:
         B, T, _ = x_BTD.shape
-        q_BNTH = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BKTH = self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v_BKTH = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BNTH = self.q_proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k_BKTH = self.k_proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v_BKTH = self.v_proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         q_BNTH = apply_rope(q_BNTH, cos_BTH, sin_BTH)
         k_BKTH = apply_rope(k_BKTH, cos_BTH, sin_BTH)
         if kv_cache is not None:
             k_BKTH, v_BKTH = kv_cache.update(self.layer_idx, k_BKTH, v_BKTH)  # now [B, K, S, H]
-        gqa = self.n_kv_heads != self.n_heads
+        gqa = k_BKTH.shape[1] != q_BNTH.shape[1]
         if mask is None:
             o_BNTH = F.scaled_dot_product_attention(q_BNTH, k_BKTH, v_BKTH, is_causal=True, enable_gqa=gqa)
         elif isinstance(mask, Tensor):
@@ -399,7 +298,7 @@ class Attention(nn.Module):
             )
         else:
             o_BNTH = _flex_attention(q_BNTH, k_BKTH, v_BKTH, mask)
-        return self.o_proj(o_BNTH.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(o_BNTH.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -448,8 +347,9 @@ class LlamaModel(nn.Module):
     ) -> Tensor:
         B, T = tokens_BT.shape
         if positions_BT is None:
-            start = kv_cache.length if kv_cache is not None else 0
-            positions_BT = torch.arange(start, start + T, device=tokens_BT.device).expand(B, T)
+            if kv_cache is not None:
+                raise ValueError("decoding with a kv_cache needs explicit positions_BT")
+            positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
         h_BTD = self.embed_tokens(tokens_BT)
         cos_BTH, sin_BTH = self.rotary_emb(positions_BT, h_BTD.dtype)
         if kv_cache is not None:
@@ -565,7 +465,7 @@ def num_parameters(config: LlamaConfig, *, include_embeddings: bool = True) -> i
 
 
 __all__ = [
-    "AttentionMask", "KVCache", "LLAMA_ARCHS", "Llama", "LlamaConfig", "LlamaModel", "LlamaRopeScaling",
+    "AttentionMask", "LLAMA_ARCHS", "Llama", "LlamaConfig", "LlamaModel", "LlamaRopeScaling",
     "apply_rope", "document_causal_mask", "get_llama_arch", "num_parameters", "register_llama_arch",
     "rope_inv_freq", "update_llama_config",
 ]

@@ -1,0 +1,227 @@
+"""Parallelism for any model family, applied from outside the model.
+
+`parallelize_model(model, gangs, ...)` applies, in this order:
+
+1. the family's tensor-parallel plan (`ModelFamily.tp_plan`: data, module name
+   pattern -> ParallelStyle) over the `tp` gang; attention reads its local head
+   counts from tensor shapes, so no module attribute is edited;
+2. activation checkpointing per block, by wrapping each block's forward in
+   `torch.utils.checkpoint`, which keeps parameter names unchanged (a
+   `checkpoint_wrapper` would insert `_checkpoint_wrapped_module.` into every name
+   the checkpoint and HF export see) and FSDP's hooks outside the recomputed region;
+3. `torch.compile` per block (`block.compile()`, names unchanged too);
+4. FSDP2 `fully_shard` per block, then the root, over the `dp` gang (HSDP when
+   `fsdp_replicas > 1`), or DDP (composable `replicate`) when asked.
+
+Data-parallel gradients are averaged over the dp gang (torch's default for FSDP and
+DDP): a trainer scales its summed loss by `dp_size / global_target_tokens`.
+
+The model is built on the meta device, parallelized, materialized with
+`to_empty(device=...)`, then loaded shard by shard with `ft.models.checkpoint.load_checkpoint`
+(`ft.models.build.create_model` is that sequence):
+no rank ever holds the full model. `iter_full_state_dict` gathers it back one tensor
+at a time for export.
+"""
+
+from __future__ import annotations
+
+
+from typing import Any, Iterator, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ft.errors import ConfigError
+from ft.gang import Gangs
+from ft.models.family import family_of
+
+DataParallelism = Literal["fsdp", "ddp"]
+ActivationCheckpointing = Literal["none", "full", "selective"]
+
+
+def check_parallel_layout(
+    config: Any,
+    *,
+    tensor_parallel_size: int,
+    data_parallelism: str = "fsdp",
+    activation_checkpointing: str = "none",
+) -> None:
+    """ConfigError for a model/layout pair that cannot work; cheap, call it before building."""
+    if data_parallelism not in ("fsdp", "ddp"):
+        raise ConfigError(f"data_parallelism={data_parallelism!r} is not one of 'fsdp', 'ddp'")
+    if activation_checkpointing not in ("none", "full", "selective"):
+        raise ConfigError(
+            f"activation_checkpointing={activation_checkpointing!r} is not one of 'none', 'full', 'selective'"
+        )
+    tp = tensor_parallel_size
+    if tp == 1:
+        return
+    if data_parallelism == "ddp":
+        raise ConfigError(
+            f"data_parallelism=ddp cannot be combined with tensor_parallel_size={tp}; use data_parallelism=fsdp"
+        )
+    sizes = {"n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "ffn_dim": config.ffn_dim,
+             "vocab_size": config.vocab_size}
+    for name, size in sizes.items():
+        if size % tp:
+            divisors = [d for d in range(1, size + 1) if size % d == 0 and d <= 64]
+            raise ConfigError(
+                f"tensor_parallel_size={tp} does not divide the model's {name}={size}; "
+                f"use one of {divisors}"
+            )
+
+
+def _checkpointed(forward, checkpoint, options: dict[str, Any]):
+    """`forward` run under activation checkpointing. A plain function (not a
+    functools.partial of torch's checkpoint), so torch.compile traces into it and
+    compiles the block with its checkpoint instead of silently skipping the frame."""
+
+    def checkpointed_forward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
+
+    return checkpointed_forward
+
+
+def _selective_checkpoint_context():
+    """Op-level selective checkpointing: keep the outputs of attention, collectives and
+    every other matmul; recompute the rest (the elementwise ops between them: RMSNorm,
+    RoPE, SwiGLU, and half the matmuls). Saving every matmul too fast but too big for
+    an 8B model on one GPU; saving none is full checkpointing. This is torchtitan's
+    trade-off: about half the activation memory of saving all matmuls, for a sixth
+    more compute than no checkpointing."""
+    from collections import Counter
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"]
+    save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        save.add(flex)
+    c10d = getattr(torch.ops, "_c10d_functional", None)
+    if c10d is not None:
+        save |= {getattr(c10d, n).default for n in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor")
+                 if hasattr(c10d, n)}
+    mm = aten.mm.default
+    # Forward and recompute count separately so both make the same choices.
+    mm_counts: Counter = Counter()
+
+    def policy(ctx, op, *args, **kwargs):
+        if op == mm:
+            mode = "recompute" if ctx.is_recompute else "forward"
+            mm_counts[mode] += 1
+            if mm_counts[mode] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def parallelize_model(
+    model: nn.Module,
+    gangs: Gangs,
+    *,
+    data_parallelism: DataParallelism = "fsdp",
+    activation_checkpointing: ActivationCheckpointing = "none",
+    compile: bool = False,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    loss_parallel: bool = False,
+) -> nn.Module:
+    """Apply TP, activation checkpointing, compile and FSDP2/DDP to `model` in place
+    (see the module doc) and return it. Build `model` on the meta device.
+
+    FSDP is applied only when the dp gang has more than one process; its
+    `MixedPrecisionPolicy(param_dtype, reduce_dtype)` computes in `param_dtype`
+    (None: the parameters' dtype) and reduces gradients in `reduce_dtype`. DDP
+    ignores `param_dtype` (use autocast). `activation_checkpointing`: "full"
+    recomputes each whole block in backward; "selective" recomputes only its
+    elementwise ops (see `_selective_checkpoint_context`).
+    """
+    tp_size, dp_size = gangs.tp.size, gangs.dp.size
+    check_parallel_layout(
+        model.config, tensor_parallel_size=tp_size, data_parallelism=data_parallelism,
+        activation_checkpointing=activation_checkpointing,
+    )
+    layers = list(model.model.layers)
+
+    if tp_size > 1:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        parallelize_module(model, gangs.tp_mesh, family_of(model).tp_plan(loss_parallel))
+        # parallelize_module distributes lm_head's and embed_tokens' weight separately;
+        # both are Shard(0) of the same [vocab, dim] matrix, so tying them again is exact.
+        model.tie_weights()
+
+    if activation_checkpointing != "none":
+        from torch.utils.checkpoint import checkpoint
+
+        options = {} if activation_checkpointing == "full" else {"context_fn": _selective_checkpoint_context}
+        for layer in layers:
+            # Wrap forward only: FSDP's hooks stay outside the checkpointed region (so
+            # the recompute sees the same ops as the forward) and names stay unchanged.
+            layer.forward = _checkpointed(layer.forward, checkpoint, options)
+
+    if compile:
+        for layer in layers:
+            layer.compile()
+
+    if dp_size > 1 and data_parallelism == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        for i, layer in enumerate(layers):
+            # The last block's parameters are needed again at once by backward.
+            fully_shard(layer, mesh=gangs.dp_mesh, mp_policy=mp_policy,
+                        reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+        # Root: embed_tokens, norm, lm_head (one unit, so tied weights stay one parameter).
+        # Never resharded after forward: backward needs it at once, and a trainer that
+        # computes the loss outside forward (chunked cross-entropy through
+        # `model.lm_head.weight`) must find the unsharded weight there.
+        fully_shard(model, mesh=gangs.dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    elif dp_size > 1:
+        from torch.distributed._composable.replicate import replicate
+
+        replicate(model, device_mesh=gangs.dp_mesh_1d, bucket_cap_mb=100)
+    return model
+
+
+# ---------------------------------------------------------------------------------
+# Loading and gathering
+
+
+def _is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@torch.no_grad()
+def iter_full_state_dict(
+    model: nn.Module, *, rank0_only: bool = True, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield `(name, full tensor on CPU)` for each entry of `model.state_dict()`,
+    gathering one DTensor at a time, so no rank holds more than one gathered tensor.
+
+    Every rank must iterate to the end (each gather is a collective); with
+    `rank0_only` the other ranks yield nothing. `dtype` casts floating tensors
+    before the copy to CPU (e.g. bfloat16 for export).
+    """
+    from torch.distributed.tensor import DTensor
+
+    emit = _is_main_process() or not rank0_only
+    for name, tensor in model.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if not emit:
+            del full
+            continue
+        if dtype is not None and full.is_floating_point():
+            full = full.to(dtype)
+        # clone: a plain parameter's CPU tensor would otherwise alias the live weight.
+        yield name, full.detach().to("cpu", copy=True)
+        del full
+
+
+__all__ = ["check_parallel_layout", "iter_full_state_dict", "parallelize_model"]
