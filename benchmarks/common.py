@@ -1,4 +1,4 @@
-"""Shared pieces of the training-speed benchmarks (issue 7): device setup, the
+"""Shared pieces of the training-speed benchmarks: device setup, the
 measured bf16 matmul peak, timing with CUDA events after warm-up, MFU, peak
 memory, ft's real training step, and the JSON result file.
 

@@ -1,4 +1,4 @@
-"""Multi-GPU training throughput of ft (issue 7 workload d, issue 5's GPU run).
+"""Multi-GPU training throughput of ft (workload d and the 1B FSDP / TP layouts).
 
 Launch one process per GPU:
 
@@ -41,7 +41,7 @@ from ft.gang import setup_gangs, teardown_gangs  # noqa: E402
 from ft.models import create_model, find_arch, model_flops_per_token  # noqa: E402
 from ft.models.parallelize import parallelize_model  # noqa: E402
 
-TORCHTITAN_2GPU_TOKENS_PER_S = 8_704  # issue 7: 2 x H200, FSDP, 8B, seq 8192, batch 1, compile + selective AC
+TORCHTITAN_2GPU_TOKENS_PER_S = 8_704  # torchtitan's figure: 2 x H200, FSDP, 8B, seq 8192, batch 1, compile + selective AC
 
 
 def tiny_config(arch: str):

@@ -1,4 +1,4 @@
-"""Single-GPU training throughput of ft against the Hugging Face baseline (issue 7),
+"""Single-GPU training throughput of ft against the Hugging Face baseline,
 side by side in one process, one workload per invocation:
 
   a  llama3_2_1b, 8 x 2048 full rows of random tokens
@@ -15,8 +15,8 @@ The baseline is transformers' `LlamaForCausalLM` of the same shape (random weigh
 PyTorch loop with fused AdamW and the same gradient clipping, eager or `torch.compile`d,
 with gradient checkpointing where the ft variant checkpoints.
 
-Precisions: `bf16` = parameters, gradients and AdamW states in bf16 (the issue's
-baseline table); `mixed` = fp32 master weights computing in bf16 under autocast
+Precisions: `bf16` = parameters, gradients and AdamW states in bf16 (the
+baseline table's precision); `mixed` = fp32 master weights computing in bf16 under autocast
 (ft's default, `mixed_precision=True`).
 
 GSM8K tokenizer (workload c): the Llama 3 tokenizer cannot be downloaded here, so the
@@ -55,7 +55,7 @@ from ft.models import create_model, family_of, find_arch, model_flops_per_token 
 from ft.models.family import parameter_count  # noqa: E402
 from ft.models.parallelize import parallelize_model  # noqa: E402
 
-TORCHTITAN_8B_TOKENS_PER_S = 10_797  # issue 7: 1 x H200, pure bf16, 4 x 2048, compile + selective AC
+TORCHTITAN_8B_TOKENS_PER_S = 10_797  # torchtitan's figure: 1 x H200, pure bf16, 4 x 2048, compile + selective AC
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,12 +433,19 @@ def add_ratios(writer: common.ResultWriter, workload: str) -> None:
         print(f"  {name}: {value:.2f}x")
 
 
+def _default_gsm8k() -> Path:
+    """GSM8K's train.jsonl in a `shared/data` folder inside the checkout or beside it."""
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [root / "shared" / "data" / "gsm8k" / "train.jsonl" for root in (repo, repo.parent)]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
     parser.add_argument("--variants", default="default",
                         help="comma-separated variant names, 'default' or 'all' (see WORKLOADS in this file)")
-    parser.add_argument("--gsm8k", type=Path, default=Path("/work/shared/data/gsm8k/train.jsonl"),
+    parser.add_argument("--gsm8k", type=Path, default=_default_gsm8k(),
                         help="GSM8K train.jsonl (question/answer rows) for workload c")
     parser.add_argument("--tokenizer-vocab", type=int, default=4500, help="BPE pieces of the GSM8K tokenizer")
     parser.add_argument("--max-num-tokens", type=int, default=None, help="workload c: ft tokens per micro-batch")

@@ -10,7 +10,7 @@ import pytest
 from ft.data import available_splits, read_examples, read_prompts, resolve_dataset
 from ft.errors import DataError
 
-GSM8K = Path("/work/shared/data/gsm8k")
+GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
 ROW = {"src": "hello ", "tgt": "world"}
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ft.assets.resolve import is_explicit_path
 from ft.errors import AssetError, CheckpointError, ConfigError
 from ft.models.checkpoint import checkpoint_dtype, load_checkpoint, read_checkpoint_config
 from ft.models.family import build_meta_model, find_arch, get_family
@@ -101,10 +102,6 @@ def model_config_from_card(card) -> Any | None:
     return family.update_config(config, overrides, source=f"card {card.name!r} model_config")
 
 
-def _looks_like_path(name: str) -> bool:
-    return os.sep in name or "/" in name or name.startswith((".", "~")) or Path(name).exists()
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from: its config and the checkpoint holding its weights."""
@@ -122,14 +119,16 @@ def resolve_model(name_or_path: str | os.PathLike) -> ModelSource:
     `consolidated.NN.pth` (config from params.json), or an ft step dir. A card's
     config comes from `model_arch` + `model_config`, else from its checkpoint.
     """
-    if isinstance(name_or_path, os.PathLike) or _looks_like_path(str(name_or_path)):
-        path = Path(name_or_path).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"model checkpoint {path} does not exist")
-        return ModelSource(str(path), read_checkpoint_config(path), path)
-    from ft.assets import load_card
+    from ft.assets import resolve_card_or_path
 
-    card = load_card(str(name_or_path))
+    try:
+        card = resolve_card_or_path(name_or_path, what="model")
+    except AssetError as error:
+        if is_explicit_path(name_or_path):
+            raise CheckpointError(f"model checkpoint {Path(name_or_path).expanduser()} does not exist") from None
+        raise error from None
+    if isinstance(card, Path):
+        return ModelSource(str(card), read_checkpoint_config(card), card)
     config = model_config_from_card(card)
     checkpoint = card.path("checkpoint") if card.get("checkpoint") is not None else None
     if config is None:

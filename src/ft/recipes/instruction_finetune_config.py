@@ -1,6 +1,6 @@
 """The config of `ft lm instruction_finetune`: every key a user can set.
 
-Key names follow fairseq2's instruction fine-tuning tutorial (DESIGN.md). The
+Key names follow fairseq2's instruction fine-tuning tutorial. The
 defaults train the embedded default (tiny model, tokenizer, dataset) on a CPU in
 about a minute; for a real model set at least `model`, `dataset`, `dtype`,
 `learning_rate` and `max_num_steps`.
