@@ -42,7 +42,14 @@ class RunLockedError(FtError):
     """Another process is running on the same output directory."""
 
 
+class NonFiniteError(FtError):
+    """Training produced a non-finite loss or gradient norm; nothing was saved after it."""
+
+    exit_code = 3
+
+
 # Exit codes a wrapper script can rely on (documented in docs/promises.md).
 EXIT_OK = 0
 EXIT_STOPPED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: re-run to resume (EX_TEMPFAIL)
+EXIT_NONFINITE = NonFiniteError.exit_code  # the loss or gradient norm became nan/inf; nothing saved after it
 EXIT_INTERRUPTED = 130  # a second signal stopped the run at once; the newest complete checkpoint is intact
