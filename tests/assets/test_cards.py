@@ -172,3 +172,46 @@ def test_list_by_type(dirs):
     assert "ft_default_sft" in {c.name for c in list_cards("dataset")}
     assert "ft_default_sft" not in {c.name for c in list_cards("model")}
     assert card_types(load_card("ft_tiny")) == ["model", "tokenizer"]
+
+
+def test_family_card_overlay_reaches_every_model_of_the_family(dirs, tmp_path):
+    # fairseq2's tutorial card file, as written: the model's checkpoint, and the
+    # tokenizer for every Llama 3 model through the family card.
+    user, _ = dirs
+    (user / "my_llama3_2_1b.yaml").write_text(
+        'name: llama3_2_1b@user\ncheckpoint: "/models/Llama-3.2-1B/original/consolidated.00.pth"\n\n---\n\n'
+        'name: llama3@user\ntokenizer: "/models/Llama-3.2-1B/original/tokenizer.model"\n'
+    )
+    for name in ("llama3_2_1b", "llama3_2_1b_instruct", "llama3_1_8b"):
+        card = load_card(name)
+        assert card.get("tokenizer") == "/models/Llama-3.2-1B/original/tokenizer.model"
+        assert (card.get("model_family"), card.get("tokenizer_family")) == ("llama", "llama3")
+    assert load_card("llama3_2_1b").get("checkpoint") == "/models/Llama-3.2-1B/original/consolidated.00.pth"
+    # An overlay of a card reaches its children only where they do not set the field.
+    assert load_card("llama3_2_1b_instruct").get("checkpoint") == "hf://meta-llama/Llama-3.2-1B-Instruct"
+    assert load_card("llama3_2_1b").get("model_arch") == "llama3_2_1b"
+    assert load_card("llama2_7b").get("tokenizer") == "hf://meta-llama/Llama-2-7b-hf/tokenizer.model"
+    assert [s.name for s in load_card("llama3_2_1b").sources] == ["llama3_2_1b", "llama3_2_1b@user", "llama3", "llama3@user"]
+
+
+def test_orphan_overlay_is_an_error_by_name_and_a_warning_in_assets_list(dirs, capsys, caplog):
+    from ft.cli import main
+
+    user, _ = dirs
+    (user / "typo.yaml").write_text("name: llama3_2_1B@user\ncheckpoint: /x\n")
+    with pytest.raises(AssetError, match=r"overlays card 'llama3_2_1B', but no card has that name; did you mean 'llama3_2_1b'"):
+        load_card("llama3_2_1B@user")
+    assert main(["assets", "list"]) == 0
+    assert "warning: card 'llama3_2_1B@user'" in capsys.readouterr().out
+
+
+def test_family_hub_tokenizer_is_found_in_the_models_own_checkpoint(dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    local = tmp_path / "Llama-3.1-8B"
+    (local / "original").mkdir(parents=True)
+    (local / "original" / "tokenizer.model").write_text("x")
+    (dirs[0] / "mine.yaml").write_text(f"name: llama3_1_8b@user\ncheckpoint: {local}\n")
+    assert load_card("llama3_1_8b").path("tokenizer") == local / "original" / "tokenizer.model"
+    (dirs[0] / "mine.yaml").write_text(f"name: llama3_1_8b@user\ncheckpoint: {local}/original/consolidated.00.pth\n")
+    (local / "original" / "consolidated.00.pth").write_text("x")
+    assert load_card("llama3_1_8b").path("tokenizer") == local / "original" / "tokenizer.model"

@@ -8,7 +8,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ft.assets import asset_dirs, card_types, list_cards, load_card
+from ft.assets import AssetStore, asset_dirs, card_types, list_cards, load_card
 from ft.cli.command import Command
 
 
@@ -32,6 +32,9 @@ def _run_list(args: argparse.Namespace) -> int:
         )
     Console(width=160).print(table)
     print("searched: " + ", ".join(str(d) for d in asset_dirs()))
+    store = AssetStore(asset_dirs())
+    for raw in store.orphan_overlays():
+        print(f"warning: {store.orphan_message(raw)}")
     return 0
 
 

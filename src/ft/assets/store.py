@@ -2,14 +2,21 @@
 
 A card is one YAML document with a `name`. Files hold several documents. The
 search order is the user directory, then the system directories; the first
-directory that defines a name wins. A card `x@user` overlays card `x`, and
-`base: y` makes a card inherit every field of `y` it does not set itself.
+directory that defines a name wins. `base: y` makes a card inherit every field
+of `y` it does not set itself (family cards such as `llama3` hold the fields
+every model of a family shares). A card `x@user` overlays card `x` where `x` sits
+in any card's base chain, so `llama3@user` reaches every model card with
+`base: llama3` that does not set the field itself (as in fairseq2, model
+cards leave family-wide fields such as `tokenizer` to the family card). An
+overlay whose card does not exist is an error when named and a warning
+otherwise (`ft assets list` shows it).
 Paths in a card are relative to the file that holds it.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +25,9 @@ from typing import Any, Iterator
 import yaml
 
 from ft.errors import AssetError
+
+log = logging.getLogger("ft")
+_WARNED_ORPHANS: set[str] = set()
 
 PACKAGED_CARD_DIR = Path(__file__).parent / "cards"
 
@@ -76,6 +86,8 @@ class AssetCard:
         value = self.require(key)
         if "://" in value:
             local = _resolve_hub_uri(value)
+            if local is None and key == "tokenizer":
+                local = self._tokenizer_beside_checkpoint(value)
             if local is not None:
                 return local
             raise AssetError(
@@ -90,6 +102,22 @@ class AssetCard:
                 f"'{self.name}{USER_SUFFIX}' in {user_asset_dir()}"
             )
         return path
+
+    def _tokenizer_beside_checkpoint(self, uri: str) -> Path | None:
+        """The file a family card's hub tokenizer names, found in the model's own local
+        checkpoint instead (every Llama 3 repo ships the same `original/tokenizer.model`)."""
+        checkpoint = self.get("checkpoint")
+        if not checkpoint:
+            return None
+        local = _resolve_hub_uri(checkpoint) if "://" in checkpoint else Path(checkpoint).expanduser()
+        if local is None or not local.exists():
+            return None
+        sub = Path(*uri.partition("://")[2].split("/")[2:])
+        directory = local if local.is_dir() else local.parent
+        for candidate in (directory / sub, directory / sub.name, directory.parent / sub):
+            if candidate.is_file():
+                return candidate
+        return None
 
     def _where(self) -> str:
         files = ", ".join(str(source.file) for source in self.sources) or "?"
@@ -125,7 +153,12 @@ class AssetStore:
 
     @classmethod
     def default(cls) -> AssetStore:
-        return cls(asset_dirs())
+        store = cls(asset_dirs())
+        for raw in store.orphan_overlays():
+            if raw.name not in _WARNED_ORPHANS:  # once per process, not per lookup
+                _WARNED_ORPHANS.add(raw.name)
+                log.warning("%s", store.orphan_message(raw))
+        return store
 
     def names(self) -> list[str]:
         return sorted(name for name in self._cards if not name.endswith(USER_SUFFIX))
@@ -142,9 +175,18 @@ class AssetStore:
         if name.endswith(USER_SUFFIX) and name in self._cards:
             base = name[: -len(USER_SUFFIX)]
             if base not in self._cards:
-                raise AssetError(f"{self._cards[name].where} overlays card '{base}', but no card has that name")
+                raise AssetError(self.orphan_message(self._cards[name]))
             name = base
         return self._load(name, chain=())
+
+    def orphan_overlays(self) -> list[RawCard]:
+        """Overlays `x@user` with no card `x`: almost always a typo in the name."""
+        return [raw for name, raw in sorted(self._cards.items())
+                if name.endswith(USER_SUFFIX) and name[: -len(USER_SUFFIX)] not in self._cards]
+
+    def orphan_message(self, raw: RawCard) -> str:
+        base = raw.name[: -len(USER_SUFFIX)]
+        return f"{raw.where} overlays card '{base}', but no card has that name{_suggest(base, self.names())}"
 
     def _load(self, name: str, *, chain: tuple[str, ...]) -> AssetCard:
         if name in chain:
