@@ -11,6 +11,7 @@ tensor) so a distributed trainer can stream gathered tensors one at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -33,12 +34,37 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"cannot export weights as {dtype}; use one of {', '.join(DTYPES)}")
 
 
-def write_hf_config(config: Any, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write `config.json` and `generation_config.json` into the existing `out_dir`."""
+def write_hf_config(
+    config: Any, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, tokenizer: Any = None
+) -> None:
+    """Write `config.json` and `generation_config.json` into the existing `out_dir`.
+
+    With `tokenizer`, the BOS/EOS/PAD ids come from it (see `config_with_tokenizer_ids`).
+    """
     family = family_of(config)
+    if tokenizer is not None:
+        config = config_with_tokenizer_ids(config, tokenizer)
     out = Path(out_dir)
     _write_json(out / "config.json", family.hf_config(config, dtype=dtype))
     _write_json(out / "generation_config.json", family.hf_generation_config(config))
+
+
+def config_with_tokenizer_ids(config: Any, tokenizer: Any) -> Any:
+    """`config` with the special-token ids of the tokenizer the run actually used.
+
+    An arch records its own vocabulary's ids (Llama 3's 128000/128001); a model
+    trained with another tokenizer and exported with those ids never stops
+    generating. EOS becomes the token that ends a response (EOT for instruct
+    tokenizers) followed by the tokenizer's other stop ids, so transformers and
+    vLLM stop at end-of-turn as well as at end-of-text.
+    """
+    names = {f.name for f in dataclasses.fields(config)}
+    eos = [tokenizer.end_of_response_id]
+    eos += [i for i in tokenizer.stop_ids if i not in eos]
+    updates: dict[str, Any] = {"eos_id": eos[0] if len(eos) == 1 else eos, "pad_id": tokenizer.pad_id}
+    if tokenizer.bos_id is not None:
+        updates["bos_id"] = tokenizer.bos_id
+    return dataclasses.replace(config, **{k: v for k, v in updates.items() if k in names})
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -114,7 +140,7 @@ def save_hf_state_dict(
         weight_map.update({name: final.name for name in names})
     if n > 1:
         _write_json(out / HF_INDEX, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
-    write_hf_config(config, out, dtype=dtype)
+    write_hf_config(config, out, dtype=dtype, tokenizer=tokenizer)
     if tokenizer is not None and hasattr(tokenizer, "save_hf"):
         tokenizer.save_hf(out)
     return written
