@@ -21,7 +21,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,11 @@ class LlamaConfig:
     pad_id: int | None = None
     init_std: float = 0.02
 
+    # Options of the shared modules that other families built on them set as fields
+    # (Qwen2: q/k/v bias; Qwen3: per-head q/k RMSNorm); a Llama has neither.
+    attention_bias: ClassVar[bool] = False
+    qk_norm: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
             raise ConfigError(f"Llama dim={self.dim} is not a multiple of n_heads={self.n_heads}")
@@ -86,13 +91,8 @@ def update_llama_config(config: LlamaConfig, overrides: Mapping[str, Any], *, so
     Unknown keys raise ConfigError naming the key and the closest field;
     `rope_scaling` may be a dict of `LlamaRopeScaling` fields or None.
     """
-    names = [f.name for f in dataclasses.fields(LlamaConfig)]
     values = dict(overrides)
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"{source}: unknown Llama config key {key!r}{hint}")
+    check_config_keys(config, values, source=source, family="Llama")
     scaling = values.get("rope_scaling")
     if isinstance(scaling, Mapping):
         scaling = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")}
@@ -102,6 +102,16 @@ def update_llama_config(config: LlamaConfig, overrides: Mapping[str, Any], *, so
                 raise ConfigError(f"{source}: unknown rope_scaling key {key!r}; known: {', '.join(scaling_names)}")
         values["rope_scaling"] = LlamaRopeScaling(**scaling)
     return dataclasses.replace(config, **values)
+
+
+def check_config_keys(config: Any, overrides: Mapping[str, Any], *, source: str, family: str) -> None:
+    """ConfigError naming the first key of `overrides` that is no field of `config`'s dataclass."""
+    names = [f.name for f in dataclasses.fields(config)]
+    for key in overrides:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown {family} config key {key!r}{hint}")
 
 
 LLAMA_ARCHS: Registry[LlamaConfig] = Registry("Llama arch")
@@ -273,17 +283,25 @@ class Attention(nn.Module):
         # Head counts are not kept: under tensor parallelism a rank holds only its
         # share of the heads, so forward reads them from the projections' outputs.
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        # Qwen3: RMSNorm over each head's vector of queries and keys, before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(
         self, x_BTD: Tensor, cos_BTH: Tensor, sin_BTH: Tensor, mask: AttentionMask, kv_cache: KVCache | None
     ) -> Tensor:
         B, T, _ = x_BTD.shape
-        q_BNTH = self.q_proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k_BKTH = self.k_proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q_BTNH = self.q_proj(x_BTD).view(B, T, -1, self.head_dim)
+        k_BTKH = self.k_proj(x_BTD).view(B, T, -1, self.head_dim)
+        if self.q_norm is not None:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        q_BNTH = q_BTNH.transpose(1, 2)
+        k_BKTH = k_BTKH.transpose(1, 2)
         v_BKTH = self.v_proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         q_BNTH = apply_rope(q_BNTH, cos_BTH, sin_BTH)
         k_BKTH = apply_rope(k_BKTH, cos_BTH, sin_BTH)
@@ -445,6 +463,8 @@ class Llama(nn.Module):
                     if module is self.lm_head and self.config.tie_embeddings:
                         continue
                     nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
                 elif isinstance(module, RMSNorm):
                     module.reset_parameters()
 
@@ -457,6 +477,10 @@ def num_parameters(config: LlamaConfig, *, include_embeddings: bool = True) -> i
     """Parameter count of `Llama(config)` (tied weights counted once)."""
     c = config
     attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    if c.attention_bias:
+        attn += c.head_dim * (c.n_heads + 2 * c.n_kv_heads)
+    if c.qk_norm:
+        attn += 2 * c.head_dim
     per_layer = attn + 3 * c.dim * c.ffn_dim + 2 * c.dim
     n = c.n_layers * per_layer + c.dim
     if include_embeddings:
@@ -466,6 +490,6 @@ def num_parameters(config: LlamaConfig, *, include_embeddings: bool = True) -> i
 
 __all__ = [
     "AttentionMask", "LLAMA_ARCHS", "Llama", "LlamaConfig", "LlamaModel", "LlamaRopeScaling",
-    "apply_rope", "document_causal_mask", "get_llama_arch", "num_parameters", "register_llama_arch",
+    "apply_rope", "check_config_keys", "document_causal_mask", "get_llama_arch", "num_parameters", "register_llama_arch",
     "rope_inv_freq", "update_llama_config",
 ]

@@ -1,0 +1,2 @@
+"""The Mistral family: config, archs and model (`model`), HF interop and the bundle
+that registers it (`family`)."""
