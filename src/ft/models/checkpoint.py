@@ -75,9 +75,12 @@ def _read_json(file: Path) -> dict:
 
 
 def _expected_params(model: nn.Module) -> dict[str, Tensor]:
-    """Checkpoint key -> parameter; a tied lm_head is not expected on disk."""
-    params = dict(model.named_parameters(remove_duplicate=True))
-    return params
+    """Checkpoint key -> parameter; a tied lm_head is not expected on disk, nor the
+    parameters of the children a wrapper adds to its base module (LoRA adapters name
+    them in `adapter_children`): a base checkpoint has none."""
+    skip = tuple(f"{name}.{child}." if name else f"{child}."
+                 for name, module in model.named_modules() for child in getattr(module, "adapter_children", ()))
+    return {n: p for n, p in model.named_parameters(remove_duplicate=True) if not n.startswith(skip)}
 
 
 def hf_safetensors_files(directory: Path) -> dict[str, Path]:

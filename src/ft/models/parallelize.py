@@ -152,7 +152,7 @@ def parallelize_model(
     if tp_size > 1:
         from torch.distributed.tensor.parallel import parallelize_module
 
-        parallelize_module(model, gangs.tp_mesh, family_of(model).tp_plan(loss_parallel))
+        parallelize_module(model, gangs.tp_mesh, _module_styles(model, family_of(model).tp_plan(loss_parallel)))
         # parallelize_module distributes lm_head's and embed_tokens' weight separately;
         # both are Shard(0) of the same [vocab, dim] matrix, so tying them again is exact.
         model.tie_weights()
@@ -188,6 +188,31 @@ def parallelize_model(
 
         replicate(model, device_mesh=gangs.dp_mesh_1d, bucket_cap_mb=100)
     return model
+
+
+def _module_styles(model: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
+    """`plan` with each module that wraps a linear (a LoRA adapter) given the style it
+    asks for: such a module has `parallel_style(style)`, called with the style its
+    pattern gives. Patterns that match one are expanded to explicit module names."""
+    import fnmatch
+
+    wrapped = {name: m for name, m in model.named_modules() if hasattr(m, "parallel_style")}
+    if not wrapped:
+        return plan
+
+    def matches(pattern: str, name: str) -> bool:  # parallelize_module's rule: `*` within one name part
+        parts, atoms = name.split("."), pattern.split(".")
+        return len(parts) == len(atoms) and all(fnmatch.fnmatchcase(p, a) for p, a in zip(parts, atoms))
+
+    resolved: dict[str, Any] = {}
+    for pattern, style in plan.items():
+        if not any(matches(pattern, name) for name in wrapped):
+            resolved[pattern] = style
+            continue
+        for name, module in model.named_modules():
+            if matches(pattern, name):
+                resolved[name] = module.parallel_style(style) if name in wrapped else style
+    return resolved
 
 
 # ---------------------------------------------------------------------------------

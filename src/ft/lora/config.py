@@ -1,0 +1,46 @@
+"""The `lora` config section and its checks against a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ft.errors import ConfigError
+
+# The projections of every registered family's blocks, named as in the HF layout.
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters on a frozen base instead of every weight."""
+    rank: int = 16
+    alpha: float = 32.0
+    """The adapter output is scaled by alpha / rank (PEFT's `lora_alpha`)."""
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    """Names of the linear layers inside each block that get adapters (HF names: q_proj, gate_proj, ...)."""
+    train_embeddings: bool = False
+    """Also train the token embedding and output projection (saved as PEFT `modules_to_save`)."""
+    base_quantization: Literal["none", "nf4"] = "none"
+    """`nf4` (QLoRA): keep the frozen base linears in NF4 (torchao) and compute in `dtype`."""
+    export_merged: bool = False
+    """At every checkpoint also write the base with the adapters merged in (`step_N/merged/`)."""
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def check_lora_config(config: LoraConfig, *, key: str = "lora") -> None:
+    """ConfigError for settings that cannot work whatever the model."""
+    if not config.enabled:
+        return
+    if config.rank < 1:
+        raise ConfigError(f"config key '{key}.rank' must be at least 1, got {config.rank}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ConfigError(f"config key '{key}.dropout' must be in [0, 1), got {config.dropout}")
+    if not config.target_modules:
+        raise ConfigError(f"config key '{key}.target_modules' is empty; name at least one of "
+                          f"{', '.join(DEFAULT_TARGET_MODULES)}")

@@ -1,0 +1,69 @@
+"""NF4 base weights for QLoRA, through torchao's `NF4Tensor` (imported lazily).
+
+torchao is PyTorch's own quantization library: its NF4 tensor is a tensor subclass
+that FSDP2 can shard and that `linear_nf4` dequantizes block by block in the
+backward, which is what torchtune's QLoRA uses; bitsandbytes' `Linear4bit` is a
+module swap with CUDA-only kernels and no FSDP2 sharding of the packed weight.
+
+Only the frozen base weights of adapted linears are quantized, after they are
+loaded at full precision; everything a merge needs is re-read from the base
+checkpoint, never dequantized from NF4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ft.errors import ConfigError
+
+
+def _nf4_module():
+    try:
+        from torchao.dtypes import nf4tensor
+    except ImportError:
+        raise ConfigError(
+            "lora.base_quantization=nf4 needs torchao (`pip install torchao`); it is not installed"
+        ) from None
+    return nf4tensor
+
+
+def is_nf4(tensor: Tensor) -> bool:
+    return type(tensor).__name__ == "NF4Tensor"
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear, dequantizing an NF4 weight to the input's dtype on the fly."""
+    if is_nf4(weight):
+        y = _nf4_module().linear_nf4(input=x, weight=weight)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+def check_nf4_available(device: torch.device) -> None:
+    """ConfigError when QLoRA cannot run here: no torchao, or a CPU device."""
+    _nf4_module()
+    if device.type != "cuda":
+        raise ConfigError(
+            f"lora.base_quantization=nf4 runs on CUDA GPUs only (device is {device.type}); "
+            "use lora.base_quantization=none on this device"
+        )
+
+
+@torch.no_grad()
+def quantize_frozen_linears(model: nn.Module, *, dtype: torch.dtype) -> int:
+    """Replace the frozen weights of every adapted linear with NF4 (quantized from `dtype`).
+
+    Call after the weights are loaded and before any sharding: one process only.
+    Returns the number of weights quantized.
+    """
+    from ft.lora.layers import LoraLinear
+
+    to_nf4 = _nf4_module().to_nf4
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and not module.weight.requires_grad and not is_nf4(module.weight):
+            module.weight = nn.Parameter(to_nf4(module.weight.detach().to(dtype)), requires_grad=False)
+            count += 1
+    return count
