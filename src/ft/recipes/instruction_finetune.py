@@ -22,6 +22,7 @@ from ft.config import config_to_dict
 from ft.data import BatchReader, iter_validation_batches, read_examples
 from ft.errors import ConfigError
 from ft.gang import Gangs, setup_gangs
+from ft.lora.training import check_lora_run, export_lora, lora_fingerprint, start_lora, with_lora
 from ft.models import create_model, model_flops_per_token
 from ft.models.parallelize import check_parallel_layout, parallelize_model
 from ft.recipes.cli_support import recipe_command
@@ -83,11 +84,15 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens but model {source.description} only {source.config.vocab_size}"
         )
+    lora = config.lora if config.lora.enabled else None
+    if lora is not None:
+        check_lora_run(lora, source=source, device=device, dp_size=gangs.dp.size, tp_size=gangs.tp.size)
     reader, valid_examples = _read_data(config, tokenizer, gangs)
 
     checkpoints = CheckpointManager(
         output_dir / "checkpoints", is_main=gangs.is_main, barrier=gangs.root.barrier,
         keep_last_n_checkpoints=config.keep_last_n_checkpoints, keep_last_n_models=config.keep_last_n_models,
+        trainable_only=lora is not None,
     )
     checkpoints.remove_incomplete()
     resume_step = checkpoints.latest_resumable_step()
@@ -97,17 +102,23 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     if resume_step is None:
         log.info("weights: %s", source.description if source.checkpoint is not None
                  else f"random initialisation (seed {config.seed}), {source.description} has no checkpoint")
-    model = create_model(
-        source.config, device=device, dtype=torch.float32 if mixed else dtype,
-        parallelize=lambda model: parallelize_model(
+    def parallelize(model):
+        return parallelize_model(
             model, gangs, data_parallelism=config.data_parallelism,
             activation_checkpointing=config.activation_checkpointing, compile=config.torch_compile,
             reshard_after_forward=config.fsdp_reshard_after_forward, param_dtype=dtype if mixed else None,
             reduce_dtype=torch.float32,
-        ),
-        checkpoint=source.checkpoint if resume_step is None else None, seed=config.seed,
+        )
+
+    model = create_model(
+        source.config, device=device, dtype=torch.float32 if mixed else dtype,
+        parallelize=with_lora(parallelize, lora, base_dtype=dtype) if lora is not None else parallelize,
+        # A LoRA run's trainer state holds only the adapters: the base always comes from its checkpoint.
+        checkpoint=source.checkpoint if resume_step is None or lora is not None else None, seed=config.seed,
         initialize=resume_step is None,
     )
+    if lora is not None:
+        start_lora(model, lora, seed=config.seed, resuming=resume_step is not None, dtype=dtype)
     optimizer = build_optimizer(
         model, learning_rate=config.learning_rate, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
@@ -118,6 +129,8 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     state = TrainerState(step=0, scheduler=scheduler, reader=reader,
                          scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
     model_config_dict = dataclasses.asdict(source.config)
+    if lora is not None:  # so a LoRA run never resumes as full fine-tuning, or the reverse
+        model_config_dict["lora"] = lora_fingerprint(lora)
     if resume_step is not None:
         log.info("resuming from %s", checkpoints.dir / f"step_{resume_step}")
         extra = checkpoints.load(resume_step, model=model, optimizer=optimizer, model_config=model_config_dict)
@@ -126,6 +139,9 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     def save_checkpoint() -> None:
         export = functools.partial(export_hf_model, model, is_main=gangs.is_main,
                                    dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer)
+        if lora is not None:
+            export = functools.partial(export_lora, model, is_main=gangs.is_main, dtype=DTYPES[config.save_model_dtype],
+                                       config=lora, source=source, tokenizer=tokenizer)
         path = checkpoints.save(state.step, model=model, optimizer=optimizer, extra=state.state_dict(),
                                 model_config=model_config_dict, export_model=export)
         log.info("saved checkpoint %s", path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ft.data.formats import check_format_name
+from ft.lora.config import LoraConfig, check_lora_config
 from ft.training.metrics import check_recorder_names
 from ft.training.optim import LR_SCHEDULES
 
@@ -75,6 +76,10 @@ class InstructionFinetuneConfig:
     fsdp_replicas: int = 1
     """HSDP: replicate across this many groups and shard within each (1: plain FSDP)."""
 
+    # LoRA / QLoRA (off: full fine-tuning).
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapters on a frozen base: `lora.enabled=true`, `lora.rank`, `lora.alpha`, `lora.target_modules`, ..."""
+
     # Checkpoints.
     checkpoint_every_n_steps: int = 1000
     keep_last_n_checkpoints: int | None = 1
@@ -99,3 +104,4 @@ class InstructionFinetuneConfig:
         check_format_name(self.dataset_format, key="dataset_format")
         LR_SCHEDULES.get(self.lr_schedule, key="lr_schedule")
         check_recorder_names(self.metric_recorders, key="metric_recorders")
+        check_lora_config(self.lora)

@@ -35,7 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ft.errors import CheckpointDamagedError, CheckpointError, OutputDirError
 from ft.training.extra_state import ExtraStateError, load_extra_state, save_extra_state
@@ -119,8 +119,11 @@ class CheckpointManager:
         barrier: Callable[[], None],
         keep_last_n_checkpoints: int | None,
         keep_last_n_models: int | None,
+        trainable_only: bool = False,
     ) -> None:
         self.dir = checkpoint_dir
+        # LoRA: the trainer state holds only trainable tensors; the frozen base comes from its checkpoint.
+        self.state_dict_options = StateDictOptions(ignore_frozen_params=trainable_only)
         self.is_main = is_main
         self.barrier = barrier
         self.keep_last_n_checkpoints = keep_last_n_checkpoints
@@ -183,7 +186,7 @@ class CheckpointManager:
             if self.is_main:
                 self._start_tmp(step, tmp)
             self.barrier()
-            model_state, optimizer_state = get_state_dict(model, optimizer)
+            model_state, optimizer_state = get_state_dict(model, optimizer, options=self.state_dict_options)
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / TRAINER_SUBDIR))
             export_model(tmp)
             if self.is_main:
@@ -264,7 +267,7 @@ class CheckpointManager:
         self.check_model_config(step_dir, model_config)
         trainer_dir = step_dir / TRAINER_SUBDIR
         check_dcp_metadata(trainer_dir / ".metadata")
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=self.state_dict_options)
         state = {"model": model_state, "optimizer": optimizer_state}
         try:
             dcp.load(state, checkpoint_id=str(trainer_dir), planner=_PlainDataLoadPlanner())
@@ -275,7 +278,8 @@ class CheckpointManager:
             if isinstance(cause, CheckpointError):
                 raise type(cause)(f"cannot restore trainer state from {trainer_dir}: {cause}") from None
             raise CheckpointError(f"cannot restore trainer state from {trainer_dir}: {_one_line(cause)}") from None
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=self.state_dict_options)
         try:
             return load_extra_state(trainer_dir)
         except ExtraStateError as error:

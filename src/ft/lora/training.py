@@ -1,0 +1,91 @@
+"""What a training recipe calls to run LoRA: wrap its parallelize step, give the
+adapters their start values (or quantize the base), and export at checkpoints.
+
+A LoRA run's trainer state holds only the trainable tensors and their optimizer
+state (`CheckpointManager(trainable_only=True)`); the frozen base is read from the
+base checkpoint again on resume, so a LoRA run always needs one. A checkpoint's
+step directory holds the adapter in the PEFT format (`adapter_config.json`,
+`adapter_model.safetensors`) and, with `export_merged`, the merged model in
+`merged/` (a separate directory: transformers would read a directory holding an
+`adapter_config.json` as an adapter and go looking for its base).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ft.errors import ConfigError
+from ft.lora.apply import apply_lora, init_lora_weights, lora_state_dict
+from ft.lora.config import LoraConfig
+from ft.lora.merge import iter_checkpoint_tensors, merge_tensors
+from ft.lora.peft_io import save_adapter
+
+log = logging.getLogger("ft")
+
+MERGED_SUBDIR = "merged"
+
+
+def check_lora_run(config: LoraConfig, *, source: Any, device: torch.device, dp_size: int, tp_size: int) -> None:
+    """ConfigError for a LoRA run that cannot work with this model and layout."""
+    if source.checkpoint is None:
+        raise ConfigError(f"LoRA trains adapters on a base with weights, but {source.description} has no checkpoint; "
+                          "use a model card or path with weights, or lora.enabled=false")
+    if config.base_quantization == "nf4":
+        from ft.lora.quant import check_nf4_available
+
+        check_nf4_available(device)
+        if dp_size > 1 or tp_size > 1:
+            raise ConfigError("lora.base_quantization=nf4 runs on one process; sharding NF4 base weights "
+                              "(FSDP2 or tensor parallel) is not supported yet")
+
+
+def lora_fingerprint(config: LoraConfig) -> dict[str, Any]:
+    """What must match between a LoRA run's checkpoint and the run resuming it."""
+    return {"rank": config.rank, "alpha": config.alpha, "target_modules": sorted(config.target_modules),
+            "train_embeddings": config.train_embeddings, "base_quantization": config.base_quantization}
+
+
+def with_lora(parallelize: Callable[[nn.Module], nn.Module], config: LoraConfig, *,
+              base_dtype: torch.dtype) -> Callable[[nn.Module], nn.Module]:
+    """`parallelize` preceded by `apply_lora`, for `create_model(parallelize=...)`."""
+    def apply_then_parallelize(model: nn.Module) -> nn.Module:
+        return parallelize(apply_lora(model, config, base_dtype=base_dtype))
+
+    return apply_then_parallelize
+
+
+def start_lora(model: nn.Module, config: LoraConfig, *, seed: int, resuming: bool, dtype: torch.dtype) -> None:
+    """After the base is loaded: adapters' start values (unless resuming), then NF4 for QLoRA."""
+    if not resuming:
+        init_lora_weights(model, seed)
+    if config.base_quantization == "nf4":
+        from ft.lora.quant import quantize_frozen_linears
+
+        count = quantize_frozen_linears(model, dtype=dtype)
+        log.info("QLoRA: %d frozen linear weights in NF4", count)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA rank %d on %s: %s trainable parameters", config.rank, ", ".join(config.target_modules),
+             f"{trainable:,}")
+
+
+def export_lora(model: nn.Module, directory: Path, *, is_main: bool, dtype: torch.dtype, config: LoraConfig,
+                source: Any, tokenizer: Any = None) -> None:
+    """Write the adapter (PEFT format) into `directory` and, with `export_merged`, the merged
+    model into `directory/merged`, merged onto the base checkpoint's own weights.
+    A collective: every rank calls it; rank 0 writes."""
+    state = lora_state_dict(model, rank0_only=True)
+    if not is_main:
+        return
+    base_name = source.card_name or str(source.checkpoint)
+    save_adapter(directory, state, config, dtype=dtype, base_model_name_or_path=base_name)
+    if config.export_merged:
+        from ft.models.hf_export import save_hf_state_dict
+
+        base = iter_checkpoint_tensors(source.checkpoint, source.config)
+        save_hf_state_dict(merge_tensors(base, state, config), source.config, directory / MERGED_SUBDIR,
+                           dtype=dtype, tokenizer=tokenizer)
