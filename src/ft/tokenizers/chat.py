@@ -10,7 +10,15 @@ Llama 2 (Meta's `chat_completion`): the system prompt is folded into the first
 user turn; each user/assistant pair is `<s>[INST] {user} [/INST] {answer} </s>`,
 and a final user turn is `<s>[INST] {user} [/INST]`.
 
-Contents are stripped, as Meta does. The mask is True on the assistant's content
+ChatML (Qwen2.5; `chatml`), each message as it is, no BOS:
+
+    <|im_start|>{role}\n{content}<|im_end|>\n
+
+Qwen3 (`qwen3`) is ChatML whose assistant turns after the last user turn open with
+a thinking block, `<think>\n{reasoning}\n</think>\n\n` (empty on the final turn
+when there is no reasoning), as Qwen3's own template renders them; see `ft.tokenizers.qwen`.
+
+Llama contents are stripped, as Meta does. The mask is True on the assistant's content
 and on the token that ends its turn (`<|eot_id|>` / `</s>`), so the model learns
 to stop; headers, system and user tokens are False.
 """
@@ -54,9 +62,19 @@ LLAMA2_JINJA = (
 )
 
 
+CHATML_JINJA = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
 def jinja_chat_template(chat_format: str) -> str:
     """The transformers `chat_template` that renders the same string as `encode_chat`."""
-    return {"llama3": LLAMA3_JINJA, "llama2": LLAMA2_JINJA}[chat_format]
+    from ft.tokenizers.qwen import QWEN3_JINJA
+
+    return {"llama3": LLAMA3_JINJA, "llama2": LLAMA2_JINJA, "chatml": CHATML_JINJA, "qwen3": QWEN3_JINJA}[chat_format]
 
 
 def encode_chat(
@@ -66,6 +84,10 @@ def encode_chat(
     _check_messages(messages)
     if tokenizer.chat_format == "llama3":
         return _encode_llama3(tokenizer, messages, add_generation_prompt)
+    if tokenizer.chat_format in ("chatml", "qwen3"):
+        from ft.tokenizers.qwen import encode_chatml
+
+        return encode_chatml(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     return _encode_llama2(tokenizer, messages, add_generation_prompt)
 
 

@@ -45,6 +45,12 @@ def _load_hf(file: Path, *, use_eot: bool) -> Tokenizer:
     return HfTokenizer(file, use_eot=use_eot)
 
 
+def _load_qwen(file: Path, *, use_eot: bool) -> Tokenizer:
+    from ft.tokenizers.qwen import QwenTokenizer
+
+    return QwenTokenizer(file, use_eot=use_eot)
+
+
 _MODEL_FILES = ("tokenizer.model", "original/tokenizer.model")
 
 
@@ -52,6 +58,7 @@ def register_tokenizer_families(families: Registry[TokenizerFamily]) -> None:
     families.register("llama3", TokenizerFamily(_load_llama3, _MODEL_FILES))  # tiktoken BPE
     families.register("llama2", TokenizerFamily(_load_sentencepiece, _MODEL_FILES))  # SentencePiece
     families.register("hf", TokenizerFamily(_load_hf, ("tokenizer.json",)))
+    families.register("qwen", TokenizerFamily(_load_qwen, ("tokenizer.json",)))  # byte-level BPE + ChatML
 
 
 TOKENIZER_FAMILIES: Registry[TokenizerFamily] = Registry("tokenizer family")
@@ -146,11 +153,13 @@ def _has_tokenizers_package() -> bool:
 
 
 def guess_family(file: Path) -> str:
-    """`hf` for JSON, `llama2` for a SentencePiece protobuf, `llama3` for tiktoken text."""
+    """`hf` for JSON (`qwen` when it holds ChatML's <|im_start|>), `llama2` for a
+    SentencePiece protobuf, `llama3` for tiktoken text."""
     with open(file, "rb") as f:
         head = f.read(4096)
     if file.suffix == ".json" or head.lstrip().startswith(b"{"):
-        return "hf"
+        # tokenizer.json lists its added tokens first, so the head holds them.
+        return "qwen" if b'"<|im_start|>"' in head else "hf"
     first_line = head.split(b"\n", 1)[0].split()
     if len(first_line) == 2 and first_line[1].isdigit():
         return "llama3"
