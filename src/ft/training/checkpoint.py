@@ -123,7 +123,8 @@ class CheckpointManager:
     ) -> None:
         self.dir = checkpoint_dir
         # LoRA: the trainer state holds only trainable tensors; the frozen base comes from its checkpoint.
-        self.state_dict_options = StateDictOptions(ignore_frozen_params=trainable_only)
+        # (not strict: set_state_dict would ask for the frozen keys; DCP's load already fails on missing ones)
+        self.state_dict_options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
         self.is_main = is_main
         self.barrier = barrier
         self.keep_last_n_checkpoints = keep_last_n_checkpoints
