@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,18 @@ import yaml
 from ft.errors import ConfigError
 
 ConfigT = TypeVar("ConfigT")
+
+# A config is a few hundred values; these bound what a hostile file can make ft do
+# (a 1 KB YAML alias bomb expands to billions of values, a repr of it never ends).
+MAX_CONFIG_FILE_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 10_000
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 4, 2
+
+
+def short_repr(value: Any) -> str:
+    """repr() bounded in length and depth, for echoing user values in messages."""
+    return _SHORT.repr(value)
 
 
 def build_config(
@@ -45,12 +58,42 @@ def parse_override(override: str) -> tuple[str, Any]:
     key, sep, text = override.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"--config expects key=value, got {override!r}")
+        raise ConfigError(f"--config expects key=value, got {short_repr(override)}")
+    return key, _load_yaml(text, f"--config {short_repr(key)}") if text.strip() else None
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with the value count bounded; every failure a one-line ConfigError."""
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"--config {key}: cannot parse {text!r} as YAML ({error.problem})") from None
-    return key, value
+        mark = getattr(error, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark and not where.startswith("--config") else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}{at}: invalid YAML ({short_repr(problem)[1:-1]})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply for a config") from None
+    _check_size(data, where)
+    return data
+
+
+def _check_size(data: Any, where: str) -> None:
+    """Count values without expanding aliases past the bound (they share objects)."""
+    budget = MAX_CONFIG_VALUES
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        budget -= 1
+        if budget < 0 or depth > 100:
+            raise ConfigError(
+                f"{where}: the YAML expands to more than {MAX_CONFIG_VALUES} values or 100 levels "
+                "(aliases that repeat each other?); a config holds far fewer"
+            )
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth + 1) for k in value.keys())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -83,13 +126,23 @@ def config_hash(config: Any, length: int = 10) -> str:
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {path} {what}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+        if path.stat().st_size > MAX_CONFIG_FILE_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_FILE_BYTES >> 20} MiB; "
+                              "a config file holds a few keys")
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}); "
+                          "expected a YAML file of key: value lines") from None
+    if "\0" in text:
+        raise ConfigError(f"config file {path} holds NUL bytes; expected a YAML file of key: value lines")
+    data = _load_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -126,9 +179,20 @@ def _merge(target: dict[str, Any], update: Mapping[str, Any], config_class: type
 def _unknown_key(key: str, valid: set[str], prefix: str, *, source: str | None) -> ConfigError:
     leaf = key[len(prefix):]
     close = difflib.get_close_matches(leaf, sorted(valid), n=1, cutoff=0.3)
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else "; run with --dump-config to see the valid keys"
+    alias = KEY_ALIASES.get(leaf)
+    close = alias if alias in valid else close[0] if close else None
+    hint = f"; did you mean '{prefix}{close}'?" if close else "; run with --dump-config to see the valid keys"
     origin = f" (in {source})" if source else ""
-    return ConfigError(f"unknown config key '{key}'{origin}{hint}")
+    return ConfigError(f"unknown config key {short_repr(key)}{origin}{hint}")
+
+
+# Names users bring from other trainers, for the did-you-mean hint.
+KEY_ALIASES = {
+    "lr": "learning_rate", "steps": "max_num_steps", "max_steps": "max_num_steps", "epochs": "max_num_data_epochs",
+    "batch_size": "max_num_tokens", "grad_accum": "gradient_accumulation",
+    "gradient_accumulation_steps": "gradient_accumulation", "clip_grad_norm": "max_grad_norm",
+    "skip_malformed": "skip_malformed_lines", "seq_len": "max_seq_len", "save_every_n_steps": "checkpoint_every_n_steps",
+}
 
 
 def _dataclass_in(annotation: Any) -> type | None:
@@ -160,7 +224,7 @@ def _coerce(value: Any, annotation: Any, key: str, source: str | None = None) ->
     except _TypeMismatch:
         origin = f" (in {source})" if source else ""
         raise ConfigError(
-            f"config key '{key}'{origin}: expected {_type_name(annotation)}, got {value!r}"
+            f"config key '{key}'{origin}: expected {_type_name(annotation)}, got {short_repr(value)}"
         ) from None
 
 

@@ -86,7 +86,7 @@ def test_malformed_line_names_file_and_line(write_jsonl, tok, bad, reason):
     import json
 
     path = write_jsonl("d.jsonl", [json.dumps(ROW), "", bad, json.dumps(ROW)])  # blank line 2 still counts
-    with pytest.raises(DataError, match=f"{path}:3: {reason}.*skip_malformed=True") as info:
+    with pytest.raises(DataError, match=f"{path}:3: {reason}.*skip_malformed_lines=true") as info:
         read_examples(path, tok)
     assert str(path) in str(info.value)
 

@@ -61,7 +61,7 @@ class DatasetStats:
 
     num_rows: int = 0  # non-blank lines read
     num_examples: int = 0  # examples kept
-    num_malformed: int = 0  # malformed lines skipped (skip_malformed=True)
+    num_malformed: int = 0  # malformed lines skipped (skip_malformed)
     num_too_long: int = 0  # examples longer than max_seq_len (dropped or truncated)
     num_truncated: int = 0
     num_dropped_too_long: int = 0
@@ -108,6 +108,9 @@ def resolve_dataset(dataset: str | os.PathLike[str], split: str | None = "train"
                 f"with one subfolder per split (train/, {split}/) to have one"
             )
         return DatasetSource(name, split, (path,), fmt)
+    if not path.is_dir():
+        raise DataError(f"dataset {name} is neither a file nor a directory (a device or a pipe?); "
+                        "give a .jsonl file or a directory of them")
     splits = discover_splits(path)
     if not splits:
         raise DataError(f"dataset directory {path} holds no .jsonl files")
@@ -191,21 +194,25 @@ def _locate(name: str) -> tuple[Path, str | None]:
 
 
 def _rows(
-    source: DatasetSource, skip_malformed: bool, stats: DatasetStats
+    source: DatasetSource, skip_malformed: bool, stats: DatasetStats, skip_hint: str | None = None
 ) -> Iterator[tuple[Path, int, dict]]:
     """Yield (path, line, row) for each usable row, raising or counting malformed ones."""
     for path in source.files:
         for line_no, row in iter_jsonl(path):
             stats.num_rows += 1
             if isinstance(row, MalformedLine):
-                _malformed(row, skip_malformed, stats)
+                _malformed(row, skip_malformed, stats, skip_hint)
                 continue
             yield path, line_no, row
 
 
-def _malformed(bad: MalformedLine, skip_malformed: bool, stats: DatasetStats) -> None:
+# The config key that skips malformed lines, for the error's hint (the training recipes have it).
+SKIP_MALFORMED_HINT = "set skip_malformed_lines=true to skip such lines"
+
+
+def _malformed(bad: MalformedLine, skip_malformed: bool, stats: DatasetStats, skip_hint: str | None = None) -> None:
     if not skip_malformed:
-        raise DataError(f"{bad.message()} (pass skip_malformed=True to skip such lines)")
+        raise DataError(bad.message() + (f" ({skip_hint})" if skip_hint else ""))
     stats.num_malformed += 1
     if len(stats.malformed) < 5:
         stats.malformed.append(bad.message())
@@ -237,11 +244,11 @@ def read_examples(
     fmt = normalize_format(format) or source.format
     stats = DatasetStats()
     examples: list[Example] = []
-    for path, line_no, row in _rows(source, skip_malformed, stats):
+    for path, line_no, row in _rows(source, skip_malformed, stats, SKIP_MALFORMED_HINT):
         try:
             example = row_to_example(row, tokenizer, fmt or detect_format(row))
         except RowError as err:
-            _malformed(MalformedLine(path, line_no, str(err)), skip_malformed, stats)
+            _malformed(MalformedLine(path, line_no, str(err)), skip_malformed, stats, SKIP_MALFORMED_HINT)
             continue
         if max_seq_len is not None and len(example) > max_seq_len:
             stats.num_too_long += 1

@@ -83,6 +83,9 @@ def has_model(step_dir: Path) -> bool:
 
 def resolve_model_checkpoint(checkpoint_dir: Path, name: str) -> Path:
     """`last_checkpoint` or `checkpoint_step_N` in a run's checkpoints dir -> the step directory."""
+    if not checkpoint_dir.is_dir():
+        what = "is not a directory" if checkpoint_dir.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint directory {checkpoint_dir} {what}; expected a run's OUT/checkpoints")
     steps = {step: path for step, path in list_step_dirs(checkpoint_dir).items() if has_model(path)}
     available = ", ".join(f"checkpoint_step_{step}" for step in steps) or "none"
     if not steps:
