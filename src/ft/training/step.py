@@ -39,8 +39,9 @@ def next_token_loss(loss_chunk_size: int) -> LossFn:
 
 
 def accumulate_gradients(model: nn.Module, batches: Sequence, *, gangs: Gangs, autocast, scaler,
-                         loss_fn: LossFn, stats: StepStats) -> None:
-    """Forward and backward over one optimizer step's micro-batches.
+                         loss_fn: LossFn, stats: StepStats) -> torch.Tensor:
+    """Forward and backward over one optimizer step's micro-batches; returns this
+    rank's summed loss of the step (on device, also added to `stats`).
 
     Each micro-batch's loss is summed over its target tokens and divided by the
     target tokens of the whole step on all dp ranks, so the gradient does not depend
@@ -53,18 +54,31 @@ def accumulate_gradients(model: nn.Module, batches: Sequence, *, gangs: Gangs, a
     gangs.dp.all_reduce(step_targets)
     # FSDP/DDP average gradients over dp ranks; scaling by dp.size makes it a sum.
     norm = gangs.dp.size / max(int(step_targets), 1)
+    step_loss = torch.zeros((), device=device)
     for batch in batches:
         stats.count(batch)
         with autocast:
             loss_sum = loss_fn(model, batch, device)
         scaler.scale(loss_sum * norm).backward()
-        stats.loss_sum += loss_sum.detach()
+        step_loss += loss_sum.detach()
+    stats.loss_sum += step_loss
+    return step_loss
 
 
-def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, *, max_grad_norm: float | None) -> torch.Tensor:
-    """Unscale, clip, step, schedule; returns the gradient norm before clipping (on device)."""
+def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, *, max_grad_norm: float | None,
+                   skip_if: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+    """Unscale, clip, step, schedule; returns the gradient norm before clipping (on device).
+
+    `skip_if(grad_norm)` true: this step makes no update (gradients dropped, no
+    optimizer step); the schedule still advances.
+    """
     scaler.unscale_(optimizer)
     grad_norm = clip_grad_norm(model, max_grad_norm)
+    if skip_if is not None and skip_if(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        scheduler.step()
+        return grad_norm
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
