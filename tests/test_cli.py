@@ -15,7 +15,8 @@ FROZEN_VERBS = {
 }
 
 # The recipe flags users type; renaming one breaks their scripts.
-FROZEN_RECIPE_FLAGS = {"--config", "--config-file", "--dump-config", "--no-sweep-dir", "--debug"}
+FROZEN_RECIPE_FLAGS = {"--config", "--config-file", "--dump-config", "--no-sweep-dir", "--debug", "--preset",
+                       "--list-presets", "--explain"}
 
 
 def test_verb_list_is_frozen():
@@ -114,8 +115,12 @@ def test_dump_config_feeds_back(tmp_path):
     config_file.write_text(result.stdout)
     again = run_ft("lm", "instruction_finetune", str(tmp_path / "x"), "--dump-config", "--config-file", str(config_file))
     assert again.returncode == 0, again.stderr
-    assert again.stdout == result.stdout
-    assert "max_num_tokens: 4096" in result.stdout
+    import yaml
+
+    assert yaml.safe_load(again.stdout) == yaml.safe_load(result.stdout)
+    assert "max_num_tokens: 4096  # command line" in result.stdout
+    assert f"max_num_tokens: 4096  # {config_file}" in again.stdout  # each value says where it came from
+    assert "seed: 2  # default" in result.stdout
 
 
 def test_sweep_dir_depends_on_the_whole_config(tmp_path):

@@ -1,7 +1,8 @@
 """Turns a recipe (config dataclass + run function) into an `ft` CLI command.
 
-Every recipe gets the same surface: `OUT`, `--config-file` (repeatable),
-`--config key=value ...`, `--dump-config`, `--no-sweep-dir`. It also owns the
+Every recipe gets the same surface: `OUT`, `--preset NAME`, `--list-presets`,
+`--config-file` (repeatable), `--config key=value ...`, `--dump-config
+[--explain]`, `--no-sweep-dir`; its `--help` lists the config keys. It also owns the
 output directory: the sweep subdirectory named after the config's hash, and
 `OUT/config.yaml` (written by rank 0 only).
 """
@@ -9,43 +10,84 @@ output directory: the sweep subdirectory named after the config's hash, and
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from ft.cli.command import Command
 from ft.config import build_config, config_hash, dump_config
-from ft.errors import FtError
+from ft.errors import ConfigError, FtError
 from ft.gang import detect_launch
 
 RecipeRun = Callable[[Any, Path], int | None]
 
 
-def recipe_command(*, help: str, config_class: type, run: RecipeRun, sweep_prefix: str) -> Command:
-    """A Command that builds `config_class` from the CLI and calls `run(config, output_dir)`."""
+def recipe_command(
+    *, help: str, config_class: type, run: RecipeRun, sweep_prefix: str, recipe: str | None = None
+) -> Command:
+    """A Command that builds `config_class` from the CLI and calls `run(config, output_dir)`.
+
+    `recipe` names the preset folder (`ft/recipes/presets/<recipe>/`); default: the
+    name of the module that defines `run`.
+    """
+    recipe = recipe or run.__module__.rsplit(".", 1)[-1]
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_recipe_arguments(parser)
+        from ft.recipes.config_help import format_keys_help
+
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = format_keys_help(config_class)
 
     def run_command(args: argparse.Namespace) -> int | None:
-        config = build_config(
-            config_class,
-            config_files=args.config_file or [],
-            overrides=[item for group in (args.config or []) for item in group],
-        )
-        if args.dump_config:
-            print(dump_config(config), end="")
+        from ft.recipes.presets import format_preset_list
+
+        if args.list_presets:
+            print(format_preset_list(recipe), end="")
             return 0
+        config, origins = build_recipe_config(config_class, args, recipe=recipe)
+        if args.dump_config:
+            from ft.recipes.config_help import annotated_dump
+
+            print(annotated_dump(config, origins, explain=args.explain), end="")
+            return 0
+        if args.output_dir is None:
+            raise ConfigError("OUT is required: the directory for checkpoints, metrics and logs")
         output_dir = prepare_output_dir(
             Path(args.output_dir), config, sweep=not args.no_sweep_dir, sweep_prefix=sweep_prefix
         )
+        logging.getLogger("ft").info("run directory: %s", output_dir)
         return run(config, output_dir)
 
     return Command(help=help, add_arguments=add_arguments, run=run_command)
 
 
+def build_recipe_config(config_class: type, args: argparse.Namespace, *, recipe: str) -> tuple[Any, dict[str, str]]:
+    """The config the CLI arguments give (defaults -> preset -> files -> --config) and
+    where each set value came from."""
+    from ft.config import _read_config_file, config_to_dict, parse_override
+    from ft.recipes.config_help import value_origins
+    from ft.recipes.presets import get_preset
+
+    preset = get_preset(recipe, args.preset) if args.preset else None
+    files = [str(f) for f in (args.config_file or [])]
+    overrides = [item for group in (args.config or []) for item in group]
+    config = build_config(config_class, config_files=([str(preset.file)] if preset else []) + files,
+                          overrides=overrides)
+    origins = value_origins(
+        config_to_dict(config_class()), preset=(preset.name, preset.values()) if preset else None,
+        config_files=[(f, _read_config_file(Path(f))) for f in files],
+        overrides=[parse_override(o) for o in overrides],
+    )
+    return config, origins
+
+
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output_dir", metavar="OUT", help="directory for checkpoints, metrics and logs")
+    parser.add_argument("output_dir", metavar="OUT", nargs="?", help="directory for checkpoints, metrics and logs")
+    parser.add_argument("--preset", metavar="NAME",
+                        help="start from a shipped preset (--list-presets); --config-file and --config override it")
+    parser.add_argument("--list-presets", action="store_true", help="list the presets with a line each and exit")
     parser.add_argument(
         "--config-file",
         action="append",
@@ -59,7 +101,10 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="config overrides, values parsed as YAML; dotted keys reach sections (a.b=1)",
     )
-    parser.add_argument("--dump-config", action="store_true", help="print the effective config as YAML and exit")
+    parser.add_argument("--dump-config", action="store_true",
+                        help="print the effective config as YAML, each value marked with where it came from "
+                             "(default, preset, file, command line), and exit")
+    parser.add_argument("--explain", action="store_true", help="with --dump-config: a description above each key")
     parser.add_argument(
         "--no-sweep-dir",
         action="store_true",
