@@ -82,7 +82,14 @@ def has_model(step_dir: Path) -> bool:
 
 
 def resolve_model_checkpoint(checkpoint_dir: Path, name: str) -> Path:
-    """`last_checkpoint` or `checkpoint_step_N` in a run's checkpoints dir -> the step directory."""
+    """`last_checkpoint` or `checkpoint_step_N` in a run's checkpoints dir -> the step directory.
+
+    `checkpoint_dir` may also be the run directory or an OUT with one run below it
+    (`ft.training.run_dirs.find_checkpoint_dir`).
+    """
+    from ft.training.run_dirs import find_checkpoint_dir
+
+    checkpoint_dir = find_checkpoint_dir(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         what = "is not a directory" if checkpoint_dir.exists() else "does not exist"
         raise CheckpointError(f"checkpoint directory {checkpoint_dir} {what}; expected a run's OUT/checkpoints")
