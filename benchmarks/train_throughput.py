@@ -6,11 +6,13 @@ side by side in one process, one workload per invocation:
      checkpointing, compile; fp32 master weights do not fit one GPU: recorded as skipped)
   c  llama3_2_1b on GSM8K train lengths: ft packing rows of 2048 against HF batches
      of 16 and 32 examples padded to their longest (target and non-pad tokens/s)
+  qwen3_8b  4 x 2048 full rows, as b (q/k norm, head_dim 128, 151936-entry vocabulary)
 
 ft runs its real training step (`ft.training.step.accumulate_gradients`
 + clip + fused AdamW, see `common.FtTrainer`) on a model built and parallelized as the
 recipe builds it (`ft.models.create_model` with `parallelize_model`).
-The baseline is transformers' `LlamaForCausalLM` of the same shape (random weights,
+The baseline is transformers' model of the family (`LlamaForCausalLM`,
+`Qwen3ForCausalLM`, built from the family's `config.json`) of the same shape (random weights,
 `attn_implementation="sdpa"`, loss from `labels=` as HF users compute it), a plain
 PyTorch loop with fused AdamW and the same gradient clipping, eager or `torch.compile`d,
 with gradient checkpointing where the ft variant checkpoints.
@@ -121,14 +123,28 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             _v("hf_bf16_compile_pad32", impl="hf", precision="bf16", compile=True, rows="padded", hf_batch=32),
         ],
     },
+    "qwen3_8b": {
+        "arch": "qwen3_8b", "batch_size": 4, "seq_len": 2048,
+        "goal": ">= 1.3x transformers' tokens/s, peak memory <= 70 GiB",
+        "default": ["ft_bf16_compile_ac-selective", "hf_bf16_eager_gc", "ft_bf16_compile_ac-full", "hf_bf16_compile_gc"],
+        "variants": [
+            _v("ft_bf16_compile_ac-selective", impl="ft", precision="bf16", compile=True, ac="selective"),
+            _v("hf_bf16_eager_gc", impl="hf", precision="bf16", compile=False, ac="full"),
+            _v("ft_bf16_compile_ac-full", impl="ft", precision="bf16", compile=True, ac="full"),
+            _v("hf_bf16_compile_gc", impl="hf", precision="bf16", compile=True, ac="full"),
+            _v("ft_bf16_compile", impl="ft", precision="bf16", compile=True),
+        ],
+    },
 }
 
 
 def tiny_config(arch: str) -> Any:
     """A few-million-FLOP model with the arch's structure (GQA, tying, RoPE scaling)."""
     real = find_arch(arch)[1]
+    # An explicit head_dim (Qwen3) shrinks too; elsewhere it follows dim / n_heads.
+    explicit = {"head_dim": 16} if "head_dim" in {f.name for f in dataclasses.fields(real)} else {}
     return dataclasses.replace(real, vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160,
-                               max_seq_len=16384, bos_id=1, eos_id=2)
+                               max_seq_len=16384, bos_id=1, eos_id=2, **explicit)
 
 
 # ---------------------------------------------------------------------------------
@@ -232,14 +248,18 @@ def build_ft(config: Any, variant: Variant, gangs: Any, *, seed: int) -> torch.n
 def build_hf(config: Any, variant: Variant, device: torch.device, *, seed: int) -> torch.nn.Module:
     import transformers
 
-    values = family_of(config).hf_config(config)
+    values = family_of(config).hf_config(config)  # the family's own config.json: LlamaConfig, Qwen3Config, ...
     values.pop("torch_dtype", None)
-    hf_config = transformers.LlamaConfig(**values)
+    hf_config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
     hf_config.use_cache = False
     dtype = torch.float32 if variant.precision == "mixed" else torch.bfloat16
     torch.manual_seed(seed)
     with torch.device(device):  # allocate and initialise on the GPU: an 8B init on CPU takes minutes
-        model = transformers.LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa", dtype=dtype)
+        except TypeError:  # transformers 4.x
+            model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa",
+                                                                  torch_dtype=dtype)
     if variant.ac != "none":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # renamed in transformers 5.2x; same function
@@ -301,7 +321,7 @@ def make_step(workload: str, variant: Variant, config: Any, ctx: dict[str, Any],
         model = build_ft(config, variant, gangs, seed=args.seed)
         trainer = common.FtTrainer(model=model, gangs=gangs, autocast=common.ft_autocast(device, variant.precision),
                                    loss_chunk_size=args.loss_chunk_size)
-        if workload in ("a", "b"):
+        if workload != "c":  # full rows of random tokens
             gen = torch.Generator().manual_seed(args.seed)
             batches = [common.random_full_rows(batch_size=spec["batch_size"], seq_len=seq_len,
                                                vocab_size=config.vocab_size, generator=gen,

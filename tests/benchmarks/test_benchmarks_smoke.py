@@ -47,7 +47,7 @@ def _check_header(doc: dict) -> None:
     assert doc["flops_per_token"] > 0
 
 
-@pytest.mark.parametrize("workload", ["a", "b"])
+@pytest.mark.parametrize("workload", ["a", "b", "qwen3_8b"])
 def test_train_throughput_full_rows(tmp_path, workload):
     out = tmp_path / f"{workload}.json"
     proc = _run([sys.executable, str(BENCH / "train_throughput.py"), "--workload", workload, "--device", "cpu",
