@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from ft.config import short_repr
 from ft.errors import AssetError
 
 log = logging.getLogger("ft")
@@ -31,7 +32,9 @@ _WARNED_ORPHANS: set[str] = set()
 
 PACKAGED_CARD_DIR = Path(__file__).parent / "cards"
 
-# Known fields and the types they must have; other fields are allowed and kept.
+# The fields a card may have and the types they must have; any other field is an
+# error naming the closest of these (a typo such as `chekpoint:` would otherwise be
+# silently ignored).
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,),
     "base": (str,),
@@ -273,11 +276,14 @@ def read_card_file(file: Path) -> list[RawCard]:
             raise AssetError(f"{where}: asset card has no 'name' field")
         for key, value in document.items():
             expected = FIELD_TYPES.get(key)
-            if expected is not None and not isinstance(value, expected):
+            if expected is None:
+                raise AssetError(f"{where}: card '{document['name']}' has an unknown field {str(key)[:60]!r}"
+                                 f"{_closest_field(str(key))}")
+            if not isinstance(value, expected):
                 names = " or ".join(t.__name__ for t in expected)
                 raise AssetError(
                     f"{where}: card '{document['name']}' field '{key}' must be a {names}, "
-                    f"got {type(value).__name__} ({value!r})"
+                    f"got {type(value).__name__} ({short_repr(value)})"
                 )
         fields = dict(document)
         for key in PATH_FIELDS:
@@ -286,6 +292,13 @@ def read_card_file(file: Path) -> list[RawCard]:
                 fields[key] = str(path if path.is_absolute() else (file.parent / path).resolve())
         cards.append(RawCard(name=document["name"], fields=fields, file=file))
     return cards
+
+
+def _closest_field(key: str) -> str:
+    close = difflib.get_close_matches(key, list(FIELD_TYPES), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; known fields: {', '.join(FIELD_TYPES)}"
 
 
 def _resolve_hub_uri(uri: str) -> Path | None:

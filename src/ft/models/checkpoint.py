@@ -19,10 +19,11 @@ the tensor and the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,23 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
 }
+
+
+@contextlib.contextmanager
+def open_safetensors(file: Path) -> Iterator[Any]:
+    """`safe_open` on CPU (a memory map), with a truncated or garbage file as one
+    CheckpointError naming it instead of the library's error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({reason}); it may be truncated or damaged: "
+            "copy or export it again"
+        ) from None
 
 
 def checkpoint_format(path: Path) -> str:
@@ -95,11 +113,9 @@ def hf_safetensors_files(directory: Path) -> dict[str, Path]:
             if not file.is_file():
                 raise CheckpointError(f"{index} names {file.name}, which is missing from {directory}")
         return files
-    from safetensors import safe_open
-
     files = {}
     for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 if name in files:
                     raise CheckpointError(f"tensor {name!r} is in both {files[name].name} and {file.name} of {directory}")
@@ -124,8 +140,6 @@ def _local_slices(param: Tensor) -> tuple[Tensor, tuple[slice, ...] | None]:
 @torch.no_grad()
 def load_hf_checkpoint(model: nn.Module, path: Path) -> None:
     """Load an HF / ft safetensors dir (or one .safetensors file) into `model`, tensor by tensor."""
-    from safetensors import safe_open
-
     path = Path(path)
     files = {n: path for n in _safetensors_keys(path)} if path.is_file() else hf_safetensors_files(path)
     params = _expected_params(model)
@@ -147,7 +161,7 @@ def load_hf_checkpoint(model: nn.Module, path: Path) -> None:
     for file, names in by_file.items():
         # Reading on CPU through the mmap: only the bytes of the tensor (or local shard)
         # being copied are paged in, and the copy lands in the parameter's own storage.
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for name in names:
                 param = params[name]
                 disk = f.get_slice(name)
@@ -175,9 +189,7 @@ def _dtensor_type() -> type:
 
 def _check_tied_head(embedding: Tensor, file: Path) -> None:
     """A tied config must not silently drop a trained, different lm_head."""
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt", device="cpu") as f:
+    with open_safetensors(file) as f:
         head = f.get_tensor("lm_head.weight")
     if head.shape != embedding.shape or not torch.equal(head.to(embedding.dtype), embedding.cpu()):
         raise CheckpointError(
@@ -187,9 +199,7 @@ def _check_tied_head(embedding: Tensor, file: Path) -> None:
 
 
 def _safetensors_keys(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
+    with open_safetensors(file) as f:
         return list(f.keys())
 
 
@@ -274,10 +284,8 @@ def checkpoint_dtype(path: Path) -> torch.dtype:
     """The dtype the checkpoint's floating-point weights are stored in."""
     path = Path(path)
     if checkpoint_format(path) == "hf":
-        from safetensors import safe_open
-
         files = [path] if path.is_file() else sorted(_checkpoint_dir(path).glob("*.safetensors"))
-        with safe_open(str(files[0]), framework="pt") as f:
+        with open_safetensors(files[0]) as f:
             for name in f.keys():
                 dtype = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
                 if dtype is not None and dtype.is_floating_point:
@@ -292,8 +300,6 @@ def checkpoint_dtype(path: Path) -> torch.dtype:
 
 def check_hf_dir_matches(config: Any, directory: Path) -> None:
     """Raise CheckpointError if the safetensors in `directory` do not fit `config` (names and shapes only)."""
-    from safetensors import safe_open
-
     params = _expected_params(build_meta_model(config, torch.float32))
     files = hf_safetensors_files(Path(directory))
     for name, file in files.items():
@@ -301,7 +307,7 @@ def check_hf_dir_matches(config: Any, directory: Path) -> None:
             continue
         if name not in params:
             raise CheckpointError(f"unexpected tensor {name!r} in {file}: the model has no such parameter")
-        with safe_open(str(file), framework="pt") as f:
+        with open_safetensors(file) as f:
             shape = list(f.get_slice(name).get_shape())
         if shape != list(params[name].shape):
             raise CheckpointError(f"tensor {name!r} in {file} has shape {shape}, the arch expects {list(params[name].shape)}")
