@@ -10,13 +10,13 @@ output directory: the sweep subdirectory named after the config's hash, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 from ft.cli.command import Command
-from ft.config import build_config, config_hash, dump_config
+from ft.config import build_config, config_hash
 from ft.errors import ConfigError, FtError
 from ft.gang import detect_launch
 
@@ -54,11 +54,10 @@ def recipe_command(
             return 0
         if args.output_dir is None:
             raise ConfigError("OUT is required: the directory for checkpoints, metrics and logs")
-        output_dir = prepare_output_dir(
-            Path(args.output_dir), config, sweep=not args.no_sweep_dir, sweep_prefix=sweep_prefix
-        )
-        logging.getLogger("ft").info("run directory: %s", output_dir)
-        return run(config, output_dir)
+        with run_directory(Path(args.output_dir), config, sweep=not args.no_sweep_dir, sweep_prefix=sweep_prefix,
+                           config_files=args.config_file or []) as output_dir:
+            logging.getLogger("ft").info("run directory: %s", output_dir)
+            return run(config, output_dir)
 
     return Command(help=help, add_arguments=add_arguments, run=run_command)
 
@@ -116,17 +115,34 @@ def sweep_dir_name(config: Any, *, prefix: str) -> str:
     return f"{prefix}_{config_hash(config)}"
 
 
-def prepare_output_dir(out: Path, config: Any, *, sweep: bool, sweep_prefix: str) -> Path:
-    """Create the run's directory and write the effective config into it."""
+@contextlib.contextmanager
+def run_directory(out: Path, config: Any, *, sweep: bool, sweep_prefix: str,
+                  config_files: Sequence[str | Path] = ()) -> Iterator[Path]:
+    """The run's directory, locked by the main process (one run per directory) before
+    anything is written there, with the effective config in it; the lock is released
+    on leaving (or by the kernel, however the process ends)."""
+    from ft.training.run_lock import lock_output_dir
+
+    output_dir = out / sweep_dir_name(config, prefix=sweep_prefix) if sweep else out
+    lock = lock_output_dir(output_dir) if detect_launch().rank == 0 else None
+    try:
+        yield prepare_output_dir(out, config, sweep=sweep, sweep_prefix=sweep_prefix, config_files=config_files)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def prepare_output_dir(out: Path, config: Any, *, sweep: bool, sweep_prefix: str,
+                       config_files: Sequence[str | Path] = ()) -> Path:
+    """Create the run's directory and write the effective config into it (`ft.recipes.run_config`)."""
+    from ft.recipes.run_config import write_run_config
+
     output_dir = out / sweep_dir_name(config, prefix=sweep_prefix) if sweep else out
     if output_dir.exists() and not output_dir.is_dir():
         raise FtError(f"output path {output_dir} exists and is not a directory")
     output_dir.mkdir(parents=True, exist_ok=True)
     # Called before any process group exists, so the launch environment says who is
-    # rank 0; only it writes (other ranks would race on the same file). The write is
-    # atomic so a reader never sees half a config.
+    # rank 0; only it writes (other ranks would race on the same file).
     if detect_launch().rank == 0:
-        tmp = output_dir / f".config.yaml.{os.getpid()}.tmp"
-        tmp.write_text(dump_config(config))
-        os.replace(tmp, output_dir / "config.yaml")
+        write_run_config(output_dir, config, config_files=config_files)
     return output_dir
