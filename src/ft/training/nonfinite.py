@@ -35,12 +35,12 @@ NonFinitePolicy = Literal["stop", "skip_step"]
 
 
 class NonFiniteGuard:
-    def __init__(self, policy: NonFinitePolicy, *, gangs: Gangs, check_grad_norm: bool) -> None:
+    def __init__(self, policy: NonFinitePolicy, *, gangs: Gangs, check_grad_norm: bool, start_step: int = 0) -> None:
         self.policy = policy
         self.gangs = gangs
         self.check_grad_norm = check_grad_norm
         self.finite = torch.ones((), dtype=torch.bool, device=gangs.device)
-        self.last_good_step = 0  # the newest step a check found finite
+        self.last_good_step = start_step  # the newest step known finite (a check, or the resumed state)
         self.skipped_steps = 0
         self._before: tuple[torch.Tensor, int] | None = None
         self._skipped = False

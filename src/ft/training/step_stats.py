@@ -47,7 +47,7 @@ def publish_stats(stats: StepStats, gangs: Gangs, *, lr: float, peak_tflops: flo
     gangs.dp.all_reduce(sums)
     loss_sum, targets, tokens, computed, examples = sums.tolist()
     values: dict[str, Any] = {
-        "loss": loss_sum / max(targets, 1.0),
+        "loss": loss_sum / targets if targets else float("nan"),  # nan: every step skipped (nonfinite_policy)
         "lr": lr,
         "grad_norm": stats.grad_norm,
         "target_tokens_per_s": targets / elapsed,
