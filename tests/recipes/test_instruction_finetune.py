@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import ft.training.export as export
+from ft.errors import EXIT_STOPPED
 from ft.training.stop_signal import StopSignal
 from tests.recipes.conftest import read_metrics, run_finetune
 
@@ -83,7 +84,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, user_assets, monkeypatch):
     resumed = tmp_path / "resumed"
     with monkeypatch.context() as patch:
         stop_after(patch, 3)
-        assert run_finetune(resumed, *settings) == 0
+        assert run_finetune(resumed, *settings) == EXIT_STOPPED
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_3"]
     assert run_finetune(resumed, *settings) == 0
 

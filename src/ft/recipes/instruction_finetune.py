@@ -19,18 +19,21 @@ from pathlib import Path
 import torch
 
 from ft.config import config_to_dict
-from ft.data import BatchReader, iter_validation_batches, read_examples
-from ft.errors import ConfigError
+from ft.errors import EXIT_OK, EXIT_STOPPED, ConfigError
 from ft.gang import Gangs, setup_gangs
 from ft.lora.training import check_lora_run, export_lora, lora_fingerprint, start_lora, with_lora
 from ft.models import create_model, model_flops_per_token
 from ft.models.parallelize import check_parallel_layout, parallelize_model
 from ft.recipes.cli_support import recipe_command
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig
-from ft.recipes.lm_setup import DTYPES, resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
+from ft.recipes.lm_setup import (
+    DTYPES, pad_id, read_sft_data, resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging,
+    sft_validation_batches,
+)
 from ft.training.checkpoint import CheckpointManager
 from ft.training.export import export_hf_model
 from ft.training.metrics import MetricBag, device_peak_tflops, format_metrics
+from ft.training.nonfinite import NonFiniteGuard
 from ft.training.optim import build_optimizer, build_scheduler
 from ft.training.progress import TrainingProgress
 from ft.training.step import accumulate_gradients, next_token_loss, optimizer_step, validate
@@ -42,34 +45,13 @@ log = logging.getLogger("ft")
 
 
 def run_instruction_finetune(config: InstructionFinetuneConfig, output_dir: Path) -> int:
-    check_config(config)
+    config.check()
     gangs = setup_gangs(
         device=config.device, tensor_parallel_size=config.tensor_parallel_size, replicas=config.fsdp_replicas
     )
     with gangs:  # tears the process group down, waiting for all ranks on success
         setup_run_logging(output_dir, gangs.root.rank)
         return train(config, output_dir, gangs)
-
-
-def check_config(config: InstructionFinetuneConfig) -> None:
-    """Catch impossible settings before any work starts."""
-    positive = ["max_seq_len", "max_num_tokens", "max_num_steps", "gradient_accumulation", "checkpoint_every_n_steps",
-                "publish_metrics_every_n_steps", "tensor_parallel_size", "fsdp_replicas", "loss_chunk_size"]
-    for key in positive:
-        if getattr(config, key) < 1:
-            raise ConfigError(f"config key '{key}' must be at least 1, got {getattr(config, key)}")
-    for key in ("keep_last_n_checkpoints", "keep_last_n_models", "validate_every_n_steps", "max_num_data_epochs"):
-        value = getattr(config, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"config key '{key}' must be at least 1 or null, got {value}")
-    if config.max_num_tokens < config.max_seq_len:
-        raise ConfigError(
-            f"config key 'max_num_tokens' ({config.max_num_tokens}) must be at least max_seq_len "
-            f"({config.max_seq_len}): a batch holds whole rows"
-        )
-    if config.data_parallelism == "ddp" and config.fsdp_replicas > 1:
-        raise ConfigError(f"config key 'fsdp_replicas' ({config.fsdp_replicas}) needs data_parallelism=fsdp "
-                          f"(HSDP shards within replicas); DDP replicates over all ranks: use fsdp_replicas=1")
 
 
 def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> int:
@@ -87,7 +69,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     lora = config.lora if config.lora.enabled else None
     if lora is not None:
         check_lora_run(lora, source=source, device=device, dp_size=gangs.dp.size, tp_size=gangs.tp.size)
-    reader, valid_examples = _read_data(config, tokenizer, gangs)
+    reader, valid_examples = read_sft_data(config, tokenizer, gangs)
 
     checkpoints = CheckpointManager(
         output_dir / "checkpoints", is_main=gangs.is_main, barrier=gangs.root.barrier,
@@ -136,7 +118,15 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         extra = checkpoints.load(resume_step, model=model, optimizer=optimizer, model_config=model_config_dict)
         state.load_state_dict(extra, device)
 
+    nonfinite = NonFiniteGuard(config.nonfinite_policy, gangs=gangs, check_grad_norm=not state.scaler.is_enabled(),
+                               start_step=state.step)
+
+    def check_finite() -> None:
+        newest = checkpoints.dir / f"step_{saved_step}" if saved_step is not None else None
+        nonfinite.check(state.step, newest_checkpoint=newest and str(newest), learning_rate=config.learning_rate)
+
     def save_checkpoint() -> None:
+        check_finite()  # never save a non-finite state: the newest checkpoint stays the last good one
         export = functools.partial(export_hf_model, model, is_main=gangs.is_main,
                                    dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer)
         if lora is not None:
@@ -159,6 +149,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     stats = StepStats.zero(device)
     saved_step = state.step if resume_step is not None else None
     progress = TrainingProgress(total=config.max_num_steps, start=state.step, enabled=gangs.is_main)
+    stopped = False
     model.train()
     with progress, StopSignal() as stop:
         while state.step < config.max_num_steps:
@@ -166,10 +157,13 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             if batches is None:
                 log.info("data exhausted after %d epochs", config.max_num_data_epochs)
                 break
-            accumulate_gradients(model, batches, gangs=gangs, autocast=autocast, scaler=state.scaler,
-                                 loss_fn=loss_fn, stats=stats)
+            nonfinite.begin_step(stats)
+            step_loss = accumulate_gradients(model, batches, gangs=gangs, autocast=autocast, scaler=state.scaler,
+                                             loss_fn=loss_fn, stats=stats)
             lr = optimizer.param_groups[0]["lr"]
-            grad_norm = optimizer_step(model, optimizer, scheduler, state.scaler, max_grad_norm=config.max_grad_norm)
+            grad_norm = optimizer_step(model, optimizer, scheduler, state.scaler, max_grad_norm=config.max_grad_norm,
+                                       skip_if=nonfinite.skip_if(step_loss, state.step + 1))
+            nonfinite.end_step(stats, step_loss, grad_norm)
             state.step += 1
             step = state.step
             stats.steps += 1
@@ -182,8 +176,9 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
                     recorders.record("train", step, values)
                     progress.log(f"step {step} " + format_metrics(values))
                 stats = StepStats.zero(device)
+                check_finite()
             if valid_examples is not None and step % config.validate_every_n_steps == 0:
-                values = validate(model, _validation_batches(config, valid_examples, gangs, _pad_id(tokenizer)),
+                values = validate(model, sft_validation_batches(config, valid_examples, gangs, pad_id(tokenizer)),
                                   gangs=gangs, autocast=autocast, loss_fn=loss_fn)
                 if recorders is not None:
                     recorders.record("valid", step, values)
@@ -193,46 +188,14 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
                 save_checkpoint()
                 saved_step = step
             if stopping:
+                stopped = True
                 log.warning("stopped by signal at step %d; checkpoint saved, re-run the same command to resume", step)
                 break
     if saved_step != state.step:
         save_checkpoint()
     if recorders is not None:
         recorders.close()
-    return 0
-
-
-def _read_data(config: InstructionFinetuneConfig, tokenizer, gangs: Gangs):
-    """The training batch reader and the validation examples (None without validation)."""
-    def read(split: str):
-        return read_examples(
-            config.dataset, tokenizer, split=split, format=_format(config), max_seq_len=config.max_seq_len,
-            on_too_long=config.example_too_long, skip_malformed=config.skip_malformed_lines,
-        )
-
-    train_examples = read(config.train_split)
-    log.info("train data (%s): %s", train_examples.source.description, train_examples.stats.summary())
-    valid_examples = read(config.valid_split) if config.validate_every_n_steps is not None else None
-    reader = BatchReader(
-        train_examples, max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens, seed=config.seed,
-        packing=config.packing, max_num_data_epochs=config.max_num_data_epochs, dp_size=gangs.dp.size,
-        dp_rank=gangs.dp.rank, gradient_accumulation=config.gradient_accumulation,
-        pad_id=_pad_id(tokenizer),
-    )
-    return reader, valid_examples
-
-
-def _validation_batches(config: InstructionFinetuneConfig, examples, gangs: Gangs, pad_id: int):
-    return iter_validation_batches(examples, max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens,
-                                   packing=config.packing, dp_size=gangs.dp.size, dp_rank=gangs.dp.rank, pad_id=pad_id)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_id if tokenizer.pad_id is not None else 0
-
-
-def _format(config: InstructionFinetuneConfig) -> str | None:
-    return None if config.dataset_format == "auto" else config.dataset_format
+    return EXIT_STOPPED if stopped else EXIT_OK
 
 
 INSTRUCTION_FINETUNE_COMMAND = recipe_command(

@@ -8,11 +8,13 @@ about a minute; for a real model set at least `model`, `dataset`, `dtype`,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ft.data.formats import check_format_name
 from ft.lora.config import LoraConfig, check_lora_config
+from ft.errors import ConfigError
 from ft.training.metrics import check_recorder_names
 from ft.training.optim import LR_SCHEDULES
 
@@ -62,6 +64,9 @@ class InstructionFinetuneConfig:
     warmup_steps: int = 10
     final_lr_scale: float = 0.1
     """The learning rate at the last step, as a fraction of `learning_rate`."""
+    nonfinite_policy: Literal["stop", "skip_step"] = "stop"
+    """A nan/inf loss or gradient norm: `stop` the run before any save (exit code 3),
+    or `skip_step`: that step makes no update."""
 
     # Memory and speed.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -98,6 +103,13 @@ class InstructionFinetuneConfig:
     peak_tflops: float | None = None
     """The device's peak for MFU; default: a table of known GPUs."""
 
+    # Resuming OUT with a different value of these is refused (ft.recipes.run_config):
+    # the saved optimizer, schedule base, data position and grad scaler depend on them.
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "learning_rate", "betas", "eps", "weight_decay", "max_seq_len", "max_num_tokens", "packing",
+        "gradient_accumulation", "seed", "dtype", "mixed_precision",
+    )
+
     def __post_init__(self) -> None:
         # Names looked up in a registry are plain `str` fields (a Literal would repeat
         # the registry); they are checked here, so a bad one fails before any work.
@@ -105,3 +117,47 @@ class InstructionFinetuneConfig:
         LR_SCHEDULES.get(self.lr_schedule, key="lr_schedule")
         check_recorder_names(self.metric_recorders, key="metric_recorders")
         check_lora_config(self.lora)
+        _check_optimizer_values(self)
+
+    def check(self) -> None:
+        """Settings that cannot work together, caught before any work starts."""
+        positive = ["max_seq_len", "max_num_tokens", "max_num_steps", "gradient_accumulation", "checkpoint_every_n_steps",
+                    "publish_metrics_every_n_steps", "tensor_parallel_size", "fsdp_replicas", "loss_chunk_size"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
+        for key in ("keep_last_n_checkpoints", "keep_last_n_models", "validate_every_n_steps", "max_num_data_epochs"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"config key '{key}' must be at least 1 or null, got {value}")
+        if self.max_num_tokens < self.max_seq_len:
+            raise ConfigError(
+                f"config key 'max_num_tokens' ({self.max_num_tokens}) must be at least max_seq_len "
+                f"({self.max_seq_len}): a batch holds whole rows"
+            )
+        if self.data_parallelism == "ddp" and self.fsdp_replicas > 1:
+            raise ConfigError(f"config key 'fsdp_replicas' ({self.fsdp_replicas}) needs data_parallelism=fsdp "
+                              f"(HSDP shards within replicas); DDP replicates over all ranks: use fsdp_replicas=1")
+
+
+def _check_optimizer_values(config: InstructionFinetuneConfig) -> None:
+    """Values torch would reject late, or accept and train wrongly (a negative
+    max_grad_norm flips every gradient)."""
+    def bad(key: str, value, rule: str) -> ConfigError:
+        return ConfigError(f"config key '{key}' must be {rule}, got {value!r}")
+
+    for key in ("learning_rate", "weight_decay", "final_lr_scale"):
+        value = getattr(config, key)
+        if not math.isfinite(value) or value < 0:
+            raise bad(key, value, "a finite number >= 0")
+    for i, beta in enumerate(config.betas):
+        if not 0 <= beta < 1:  # also false for nan
+            raise bad(f"betas[{i}]", beta, "in [0, 1)")
+    if not (math.isfinite(config.eps) and config.eps > 0):
+        raise bad("eps", config.eps, "a finite number > 0")
+    if config.max_grad_norm is not None and not (math.isfinite(config.max_grad_norm) and config.max_grad_norm > 0):
+        raise bad("max_grad_norm", config.max_grad_norm, "a finite number > 0, or null for no clipping")
+    if config.warmup_steps < 0:
+        raise bad("warmup_steps", config.warmup_steps, "at least 0")
+    if config.peak_tflops is not None and not (math.isfinite(config.peak_tflops) and config.peak_tflops > 0):
+        raise bad("peak_tflops", config.peak_tflops, "a finite number > 0, or null")

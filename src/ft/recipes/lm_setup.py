@@ -1,5 +1,6 @@
 """What the language-model recipes share: which model and tokenizer a config
-names, run logging (and `DTYPES`/`resolve_dtype`, re-exported from `ft.dtypes`).
+names, run logging, instruction data read into batches (and `DTYPES` /
+`resolve_dtype`, re-exported from `ft.dtypes`).
 
 `model` in a recipe config is a card name, a checkpoint path, or, with a
 `checkpoint_dir`, `last_checkpoint` / `checkpoint_step_N` of an earlier run.
@@ -11,7 +12,9 @@ import logging
 from pathlib import Path
 
 from ft.dtypes import DTYPES, resolve_dtype  # noqa: F401  (re-exported for the recipes)
+from ft.data import BatchReader, iter_validation_batches, read_examples
 from ft.errors import ConfigError
+from ft.gang import Gangs
 from ft.models import ModelSource, resolve_model
 from ft.models.checkpoint import read_checkpoint_config
 from ft.training.checkpoint import resolve_model_checkpoint
@@ -60,3 +63,37 @@ def setup_run_logging(output_dir: Path, rank: int) -> Path:
         # Keep other ranks off the console; their file handler still records everything.
         root.propagate = False
     return log_file
+
+
+def read_sft_data(config, tokenizer, gangs: Gangs):
+    """The training batch reader and the validation examples (None without validation)
+    of an instruction-tuning config (dataset, splits, lengths, packing, batching keys)."""
+    def read(split: str):
+        return read_examples(
+            config.dataset, tokenizer, split=split, format=_format(config), max_seq_len=config.max_seq_len,
+            on_too_long=config.example_too_long, skip_malformed=config.skip_malformed_lines,
+        )
+
+    train_examples = read(config.train_split)
+    log.info("train data (%s): %s", train_examples.source.description, train_examples.stats.summary())
+    valid_examples = read(config.valid_split) if config.validate_every_n_steps is not None else None
+    reader = BatchReader(
+        train_examples, max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens, seed=config.seed,
+        packing=config.packing, max_num_data_epochs=config.max_num_data_epochs, dp_size=gangs.dp.size,
+        dp_rank=gangs.dp.rank, gradient_accumulation=config.gradient_accumulation,
+        pad_id=pad_id(tokenizer),
+    )
+    return reader, valid_examples
+
+
+def sft_validation_batches(config, examples, gangs: Gangs, pad_id: int):
+    return iter_validation_batches(examples, max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens,
+                                   packing=config.packing, dp_size=gangs.dp.size, dp_rank=gangs.dp.rank, pad_id=pad_id)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+
+def _format(config) -> str | None:
+    return None if config.dataset_format == "auto" else config.dataset_format
