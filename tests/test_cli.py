@@ -11,6 +11,9 @@ from ft.cli import main, registered_commands
 FROZEN_VERBS = {
     "lm": ["generate", "instruction_finetune"],
     "llama": ["write_hf_config"],
+    "qwen2": ["write_hf_config"],
+    "qwen3": ["write_hf_config"],
+    "mistral": ["write_hf_config"],
     "assets": ["list", "show"],
 }
 
