@@ -102,14 +102,17 @@ class BatchReader:
         dp_rank: int = 0,
         gradient_accumulation: int = 1,
         pad_id: int = 0,
+        planner: Any | None = None,
     ) -> None:
+        """`planner`: micro-batches of other items than `examples` (preference pairs):
+        `.examples`, `.plan(order) -> list of plans`, `.collate(plan or []) -> batch`."""
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
         if gradient_accumulation < 1:
             raise ConfigError(f"gradient_accumulation must be at least 1, got {gradient_accumulation}")
         if max_num_data_epochs is not None and max_num_data_epochs < 1:
             raise ConfigError(f"max_num_data_epochs must be at least 1 (or unset), got {max_num_data_epochs}")
-        self._planner = _Planner(
+        self._planner = planner or _Planner(
             examples, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens, packing=packing, pad_id=pad_id
         )
         self.seed = seed
