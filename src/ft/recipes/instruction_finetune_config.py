@@ -70,7 +70,8 @@ class InstructionFinetuneConfig:
 
     # Memory and speed.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    torch_compile: bool = False
+    torch_compile: Literal["auto"] | bool = "auto"
+    """Compile each block with torch.compile; `auto`: on for CUDA, off on a CPU (logged either way)."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the cross-entropy, so full-vocabulary fp32 logits never exist at once."""
 
@@ -105,9 +106,11 @@ class InstructionFinetuneConfig:
 
     # Resuming OUT with a different value of these is refused (ft.recipes.run_config):
     # the saved optimizer, schedule base, data position and grad scaler depend on them.
+    # (gradient_accumulation may change with the number of ranks: the data reader
+    # checks that dp size x accumulation still fits its saved position.)
     FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = (
-        "learning_rate", "betas", "eps", "weight_decay", "max_seq_len", "max_num_tokens", "packing",
-        "gradient_accumulation", "seed", "dtype", "mixed_precision",
+        "learning_rate", "betas", "eps", "weight_decay", "max_seq_len", "max_num_tokens", "packing", "seed",
+        "dtype", "mixed_precision",
     )
 
     def __post_init__(self) -> None:
