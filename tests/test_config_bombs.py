@@ -98,3 +98,20 @@ def test_hint_never_names_a_key_the_command_lacks(capsys):
     code = main(["lm", "generate", "OUT", "--config", "lr=1", "--dump-config"])
     err = capsys.readouterr().err
     assert code == 2 and "unknown config key 'lr'" in err and "learning_rate" not in err
+
+
+@pytest.mark.parametrize("verb, key", [("generate", "checkpoint_dir"), ("instruction_finetune", "resume_checkpoint_dir")])
+def test_missing_checkpoint_dir_says_it_does_not_exist(tmp_path, capsys, verb, key):
+    missing = tmp_path / "nowhere" / "checkpoints"
+    code = main(["lm", verb, str(tmp_path / "out"), "--no-sweep-dir", "--config", f"{key}={missing}",
+                 "model=last_checkpoint"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"error: checkpoint directory {missing} does not exist" in err
+
+
+def test_exit_codes_are_distinct():
+    from ft.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED, ConfigError, FtError
+
+    codes = [EXIT_OK, FtError.exit_code, ConfigError.exit_code, EXIT_NONFINITE, EXIT_STOPPED, EXIT_INTERRUPTED]
+    assert len(set(codes)) == len(codes)
