@@ -1,0 +1,42 @@
+"""Stochastic rounding of float32 values to bfloat16, for pure-bf16 training.
+
+A bf16 parameter updated in place loses every step smaller than half its last
+bit (about 0.4% of its value): late in a run most AdamW updates are that small,
+so round-to-nearest freezes the weights. Rounding up with probability equal to
+the remainder keeps the expected value of the update, so small steps still move
+the weights on average (Gupta et al., 2015; Zamirai et al., 2020).
+
+The random bits come from a generator seeded by (seed, parameter index, step), so
+the rounding is deterministic and a resumed run rounds exactly as the
+uninterrupted one (no generator state to checkpoint).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LOW_BITS = 1 << 16  # bf16 is float32 with the low 16 bits dropped
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`x` (float32) rounded to bfloat16, up with probability equal to the dropped fraction.
+
+    Adding uniform noise to the 16 dropped bits and truncating does it in integer
+    arithmetic: for a negative number the bit pattern grows in magnitude the same way.
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic rounding takes float32, got {x.dtype}")
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, _LOW_BITS, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = ((bits + noise) & -_LOW_BITS).view(torch.float32)
+    # Non-finite values keep their class (the noise could turn inf into nan).
+    rounded = torch.where(torch.isfinite(x), rounded, x)
+    return rounded.to(torch.bfloat16)  # exact: the low bits are zero
+
+
+def rounding_generator(device: torch.device, *, seed: int, index: int, step: int) -> torch.Generator:
+    """A generator for parameter `index` at optimizer step `step` of a run seeded `seed`."""
+    generator = torch.Generator(device=device)
+    # hash() of a tuple of ints is the same in every process (no hash randomisation for ints).
+    generator.manual_seed(hash((seed, index, step)) & (2**63 - 1))
+    return generator
