@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ft.dtypes import DTYPES, resolve_dtype  # noqa: F401  (re-exported for the recipes)
 from ft.data import BatchReader, iter_validation_batches, read_examples
+from ft.data.target_mask_guard import check_target_masks
 from ft.errors import ConfigError
 from ft.gang import Gangs
 from ft.models import ModelSource, resolve_model
@@ -75,6 +76,7 @@ def read_sft_data(config, tokenizer, gangs: Gangs):
         )
 
     train_examples = read(config.train_split)
+    check_target_masks(train_examples)  # a mask over whole dialogs would train on the prompts
     log.info("train data (%s): %s", train_examples.source.description, train_examples.stats.summary())
     valid_examples = read(config.valid_split) if config.validate_every_n_steps is not None else None
     reader = BatchReader(
