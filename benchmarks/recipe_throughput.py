@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "recipe_throughput", "preset": args.preset, "arch": arch, "tiny": args.tiny,
         "command": " ".join(command), "effective_config": dump,
-        "warmup_windows": [{k: r.get(k) for k in ("step", "target_tokens_per_s", "elapsed_s")} for r in windows[:2]],
+        "warmup_windows": [{k: r.get(k) for k in ("step", "target_tokens_per_s", "elapsed_s", "warmup_s")}
+                           for r in windows[:2]],
+        "warmup_s": next((r["warmup_s"] for r in rows if "warmup_s" in r), None),
+        "first_line_target_tokens_per_s": windows[0]["target_tokens_per_s"] if windows else None,
         "steady_target_tokens_per_s": statistics.median(r["target_tokens_per_s"] for r in steady),
         "steady_tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
         "steady_mfu": statistics.median(r["mfu"] for r in steady) if all("mfu" in r for r in steady) else None,

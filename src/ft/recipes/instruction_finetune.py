@@ -31,6 +31,7 @@ from ft.recipes.lm_setup import (
     sft_validation_batches,
 )
 from ft.training.checkpoint import CheckpointManager
+from ft.training.compile_choice import resolve_compile
 from ft.training.export import export_hf_model
 from ft.training.metrics import MetricBag, device_peak_tflops, format_metrics
 from ft.training.nonfinite import NonFiniteGuard
@@ -42,6 +43,9 @@ from ft.training.stop_signal import StopSignal
 from ft.training.trainer_state import TrainerState
 
 log = logging.getLogger("ft")
+
+# Steps after (re)start that compile and allocate: published as warm-up, not throughput.
+WARMUP_STEPS = 2
 
 
 def run_instruction_finetune(config: InstructionFinetuneConfig, output_dir: Path) -> int:
@@ -84,10 +88,12 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     if resume_step is None:
         log.info("weights: %s", source.description if source.checkpoint is not None
                  else f"random initialisation (seed {config.seed}), {source.description} has no checkpoint")
+    compile_blocks = resolve_compile(config.torch_compile, device.type)
+
     def parallelize(model):
         return parallelize_model(
             model, gangs, data_parallelism=config.data_parallelism,
-            activation_checkpointing=config.activation_checkpointing, compile=config.torch_compile,
+            activation_checkpointing=config.activation_checkpointing, compile=compile_blocks,
             reshard_after_forward=config.fsdp_reshard_after_forward, param_dtype=dtype if mixed else None,
             reduce_dtype=torch.float32,
         )
@@ -146,7 +152,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     fsdp = gangs.dp.size > 1 and config.data_parallelism == "fsdp"
     autocast = torch.autocast(device.type, dtype=dtype) if mixed and not fsdp else contextlib.nullcontext()
     loss_fn = next_token_loss(config.loss_chunk_size)
-    stats = StepStats.zero(device)
+    stats = StepStats.zero(device, warmup_steps=WARMUP_STEPS)
     saved_step = state.step if resume_step is not None else None
     progress = TrainingProgress(total=config.max_num_steps, start=state.step, enabled=gangs.is_main)
     stopped = False
@@ -166,7 +172,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             nonfinite.end_step(stats, step_loss, grad_norm)
             state.step += 1
             step = state.step
-            stats.steps += 1
+            stats.finish_step()
             progress.advance(step)
             if step % config.publish_metrics_every_n_steps == 0 or step == config.max_num_steps:
                 stats.grad_norm = float(grad_norm)

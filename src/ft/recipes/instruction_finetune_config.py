@@ -17,6 +17,7 @@ from ft.lora.config import LoraConfig, check_lora_config
 from ft.errors import ConfigError
 from ft.training.metrics import check_recorder_names
 from ft.training.optim import LR_SCHEDULES
+from ft.training.optimizers import OptimizerSettings, check_optimizer_settings
 
 
 @dataclass(kw_only=True)
@@ -74,6 +75,19 @@ class InstructionFinetuneConfig:
     """Compile each block with torch.compile; `auto`: on for CUDA, off on a CPU (logged either way)."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the cross-entropy, so full-vocabulary fp32 logits never exist at once."""
+    optimizer: str = "adamw"
+    """A registered optimizer (`ft.training.optimizers.OPTIMIZERS`): adamw, adamw8bit, adamw4bit (torchao), adafactor."""
+    optimizer_in_backward: bool = False
+    """Step each parameter and free its gradient as soon as the gradient is ready (needs max_grad_norm=null,
+    gradient_accumulation=1)."""
+    optimizer_cpu_offload: bool = False
+    """Optimizer states, float32 master weights and the step on the CPU (one process)."""
+    bf16_stochastic_rounding: bool = False
+    """Pure bf16 (mixed_precision=false): round each parameter update stochastically so small steps survive."""
+    activation_offloading: bool = False
+    """Move saved activations to pinned host memory during forward and back for backward (CUDA; no-op on a CPU)."""
+    max_memory_gib: float | None = None
+    """GPU memory to plan for (`--dry-run` says whether the run fits); default: the GPU's memory."""
 
     # Parallelism (torchrun / Slurm / one process).
     data_parallelism: Literal["fsdp", "ddp"] = "fsdp"
@@ -110,7 +124,8 @@ class InstructionFinetuneConfig:
     # checks that dp size x accumulation still fits its saved position.)
     FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = (
         "learning_rate", "betas", "eps", "weight_decay", "max_seq_len", "max_num_tokens", "packing", "seed",
-        "dtype", "mixed_precision",
+        "dtype", "mixed_precision", "optimizer", "optimizer_in_backward", "optimizer_cpu_offload",
+        "bf16_stochastic_rounding",
     )
 
     def __post_init__(self) -> None:
@@ -121,6 +136,14 @@ class InstructionFinetuneConfig:
         check_recorder_names(self.metric_recorders, key="metric_recorders")
         check_lora_config(self.lora)
         _check_optimizer_values(self)
+        check_optimizer_settings(
+            optimizer_settings(self), gradient_accumulation=self.gradient_accumulation,
+            max_grad_norm=self.max_grad_norm, dtype=self.dtype, mixed_precision=self.mixed_precision,
+            nonfinite_policy=self.nonfinite_policy, data_parallelism=self.data_parallelism,
+            tensor_parallel_size=self.tensor_parallel_size, lora=self.lora.enabled,
+        )
+        if self.max_memory_gib is not None and not (math.isfinite(self.max_memory_gib) and self.max_memory_gib > 0):
+            raise ConfigError(f"config key 'max_memory_gib' must be a finite number > 0, or null, got {self.max_memory_gib!r}")
 
     def check(self) -> None:
         """Settings that cannot work together, caught before any work starts."""
@@ -164,3 +187,12 @@ def _check_optimizer_values(config: InstructionFinetuneConfig) -> None:
         raise bad("warmup_steps", config.warmup_steps, "at least 0")
     if config.peak_tflops is not None and not (math.isfinite(config.peak_tflops) and config.peak_tflops > 0):
         raise bad("peak_tflops", config.peak_tflops, "a finite number > 0, or null")
+
+
+def optimizer_settings(config: InstructionFinetuneConfig) -> OptimizerSettings:
+    """The optimizer section of the config, as `ft.training.optimizers.build_optimizer` takes it."""
+    return OptimizerSettings(
+        name=config.optimizer, learning_rate=config.learning_rate, betas=config.betas, eps=config.eps,
+        weight_decay=config.weight_decay, in_backward=config.optimizer_in_backward,
+        cpu_offload=config.optimizer_cpu_offload, stochastic_rounding=config.bf16_stochastic_rounding, seed=config.seed,
+    )
