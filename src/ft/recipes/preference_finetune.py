@@ -1,0 +1,257 @@
+"""`ft lm preference_finetune`: DPO, SimPO, ORPO or CPO on preference pairs.
+
+The loop of `ft lm instruction_finetune` with a pair loss (`ft.preference`): per
+optimizer step each data-parallel rank reads its `gradient_accumulation`
+micro-batches of pairs; the loss is summed over pairs and divided by the pairs of
+the whole step on all ranks. DPO's reference log-probabilities come from one
+no-grad pass of the starting model over the train split before the first step,
+stored in OUT/reference (resumable), so no second model is kept in memory; under
+LoRA that starting model is the base (the adapters start at zero). Checkpoints,
+exports, resume and SIGTERM behave as for SFT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from ft.config import config_to_dict
+from ft.errors import EXIT_OK, EXIT_STOPPED, ConfigError
+from ft.gang import Gangs, setup_gangs
+from ft.lora.training import check_lora_run, export_lora, lora_fingerprint, start_lora, with_lora
+from ft.models import create_model, model_flops_per_token
+from ft.models.parallelize import check_parallel_layout, parallelize_model
+from ft.preference.data import PairPlanner, iter_pair_batches, pair_reader, read_pairs
+from ft.preference.reference import compute_reference, load_reference, reference_fingerprint
+from ft.preference.step import (
+    PreferenceStats, accumulate_pair_gradients, preference_loss, publish_preference_stats, validate_pairs,
+)
+from ft.recipes.cli_support import recipe_command
+from ft.recipes.lm_setup import DTYPES, pad_id, resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
+from ft.recipes.preference_finetune_config import PreferenceFinetuneConfig
+from ft.training.checkpoint import CheckpointManager
+from ft.training.export import export_hf_model
+from ft.training.metrics import MetricBag, device_peak_tflops, format_metrics
+from ft.training.nonfinite import NonFiniteGuard
+from ft.training.optim import build_optimizer, build_scheduler
+from ft.training.progress import TrainingProgress
+from ft.training.step import optimizer_step
+from ft.training.stop_signal import StopSignal
+from ft.training.trainer_state import TrainerState
+
+log = logging.getLogger("ft")
+
+
+def run_preference_finetune(config: PreferenceFinetuneConfig, output_dir: Path) -> int:
+    config.check()
+    gangs = setup_gangs(
+        device=config.device, tensor_parallel_size=config.tensor_parallel_size, replicas=config.fsdp_replicas
+    )
+    with gangs:
+        setup_run_logging(output_dir, gangs.root.rank)
+        return train(config, output_dir, gangs)
+
+
+def train(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs) -> int:
+    device = gangs.device
+    dtype = resolve_dtype(config.dtype, device)
+    source = resolve_model_source(config.model, checkpoint_dir=config.resume_checkpoint_dir)
+    tokenizer = resolve_tokenizer(config.tokenizer, source)
+    check_parallel_layout(source.config, tensor_parallel_size=config.tensor_parallel_size,
+                          data_parallelism=config.data_parallelism,
+                          activation_checkpointing=config.activation_checkpointing)
+    if tokenizer.vocab_size > source.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but model {source.description} only {source.config.vocab_size}"
+        )
+    lora = config.lora if config.lora.enabled else None
+    if lora is not None:
+        check_lora_run(lora, source=source, device=device, dp_size=gangs.dp.size, tp_size=gangs.tp.size)
+
+    def read(split: str):
+        pairs = read_pairs(config.dataset, tokenizer, split=split, max_seq_len=config.max_seq_len,
+                           on_too_long=config.example_too_long, skip_malformed=config.skip_malformed_lines)
+        log.info("%s data (%s): %s", split, pairs.description, pairs.stats.summary())
+        return pairs
+
+    def planner(pairs):
+        return PairPlanner(pairs, max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens,
+                           packing=config.packing, pad_id=pad_id(tokenizer))
+
+    train_pairs = read(config.train_split)
+    valid_pairs = read(config.valid_split) if config.validate_every_n_steps is not None else None
+    reader = pair_reader(
+        train_pairs, max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens, seed=config.seed,
+        packing=config.packing, max_num_data_epochs=config.max_num_data_epochs, dp_size=gangs.dp.size,
+        dp_rank=gangs.dp.rank, gradient_accumulation=config.gradient_accumulation, pad_id=pad_id(tokenizer),
+    )
+
+    checkpoints = CheckpointManager(
+        output_dir / "checkpoints", is_main=gangs.is_main, barrier=gangs.root.barrier,
+        keep_last_n_checkpoints=config.keep_last_n_checkpoints, keep_last_n_models=config.keep_last_n_models,
+        trainable_only=lora is not None,
+    )
+    checkpoints.remove_incomplete()
+    resume_step = checkpoints.latest_resumable_step()
+    mixed = config.mixed_precision and dtype != torch.float32
+    torch.manual_seed(config.seed)
+
+    def parallelize(model):
+        return parallelize_model(
+            model, gangs, data_parallelism=config.data_parallelism,
+            activation_checkpointing=config.activation_checkpointing, compile=config.torch_compile,
+            reshard_after_forward=config.fsdp_reshard_after_forward, param_dtype=dtype if mixed else None,
+            reduce_dtype=torch.float32,
+        )
+
+    model = create_model(
+        source.config, device=device, dtype=torch.float32 if mixed else dtype,
+        parallelize=with_lora(parallelize, lora, base_dtype=dtype) if lora is not None else parallelize,
+        checkpoint=source.checkpoint if resume_step is None or lora is not None else None, seed=config.seed,
+        initialize=resume_step is None,
+    )
+    if lora is not None:
+        start_lora(model, lora, seed=config.seed, resuming=resume_step is not None, dtype=dtype)
+    fsdp = gangs.dp.size > 1 and config.data_parallelism == "fsdp"
+    autocast = torch.autocast(device.type, dtype=dtype) if mixed and not fsdp else contextlib.nullcontext()
+
+    with StopSignal() as stop:
+        reference_P2 = None
+        if config.criterion.needs_reference:
+            fingerprint = reference_fingerprint(train_pairs, model=source.description, dtype=str(dtype),
+                                                mixed_precision=mixed, lora=lora is not None)
+            if resume_step is not None:  # the weights are already trained: only the stored table will do
+                stored = load_reference(output_dir / "reference", fingerprint)
+                if stored is None or not stored[2]:
+                    raise ConfigError(f"{output_dir / 'reference'} has no complete reference log-probs, but "
+                                      f"{checkpoints.dir} holds trained steps; use a new OUT")
+                reference_P2 = stored[0]
+            else:
+                reference_P2 = compute_reference(
+                    model, train_pairs, directory=output_dir / "reference", fingerprint=fingerprint, gangs=gangs,
+                    autocast=autocast, planner=planner(train_pairs), chunk_size=config.loss_chunk_size,
+                    save_every=config.reference_save_every_n_rounds, stop=lambda: stop.requested(gangs),
+                )
+                if reference_P2 is None:
+                    return EXIT_STOPPED
+        return _train_loop(config, output_dir, gangs, model=model, source=source, tokenizer=tokenizer, lora=lora,
+                           reader=reader, valid_pairs=valid_pairs, planner=planner, checkpoints=checkpoints,
+                           resume_step=resume_step, dtype=dtype, autocast=autocast, reference_P2=reference_P2,
+                           stop=stop)
+
+
+def _train_loop(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs, *, model, source, tokenizer, lora,
+                reader, valid_pairs, planner, checkpoints, resume_step, dtype, autocast, reference_P2, stop) -> int:
+    device = gangs.device
+    optimizer = build_optimizer(
+        model, learning_rate=config.learning_rate, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+    )
+    scheduler = build_scheduler(
+        optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup_steps, max_num_steps=config.max_num_steps,
+        final_lr_scale=config.final_lr_scale,
+    )
+    state = TrainerState(step=0, scheduler=scheduler, reader=reader,
+                         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+    model_config_dict = dataclasses.asdict(source.config)
+    if lora is not None:
+        model_config_dict["lora"] = lora_fingerprint(lora)
+    if resume_step is not None:
+        log.info("resuming from %s", checkpoints.dir / f"step_{resume_step}")
+        extra = checkpoints.load(resume_step, model=model, optimizer=optimizer, model_config=model_config_dict)
+        state.load_state_dict(extra, device)
+
+    nonfinite = NonFiniteGuard(config.nonfinite_policy, gangs=gangs, check_grad_norm=not state.scaler.is_enabled(),
+                               start_step=state.step)
+    saved_step = state.step if resume_step is not None else None
+
+    def check_finite() -> None:
+        newest = checkpoints.dir / f"step_{saved_step}" if saved_step is not None else None
+        nonfinite.check(state.step, newest_checkpoint=newest and str(newest), learning_rate=config.learning_rate)
+
+    def save_checkpoint() -> None:
+        check_finite()
+        export = functools.partial(export_hf_model, model, is_main=gangs.is_main,
+                                   dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer)
+        if lora is not None:
+            export = functools.partial(export_lora, model, is_main=gangs.is_main, dtype=DTYPES[config.save_model_dtype],
+                                       config=lora, source=source, tokenizer=tokenizer)
+        path = checkpoints.save(state.step, model=model, optimizer=optimizer, extra=state.state_dict(),
+                                model_config=model_config_dict, export_model=export)
+        log.info("saved checkpoint %s", path)
+
+    recorders = MetricBag(output_dir, config.metric_recorders, wandb_project=config.wandb_project,
+                          config=config_to_dict(config), start_step=state.step) if gangs.is_main else None
+    peak_tflops, peak_source = device_peak_tflops(device, config.peak_tflops)
+    flops_per_token = model_flops_per_token(source.config, config.max_seq_len)
+    log.info("model: %s, %s params, criterion: %s, MFU peak: %s", source.description,
+             f"{sum(p.numel() for p in model.parameters()):,}", config.criterion.name, peak_source)
+    loss_fn = preference_loss(config.criterion, chunk_size=config.loss_chunk_size, reference_P2=reference_P2)
+    valid_loss_fn = None
+    if valid_pairs is not None:  # validation pairs have no reference pass: DPO validates reference-free
+        valid_loss_fn = preference_loss(dataclasses.replace(
+            config.criterion, dpo=dataclasses.replace(config.criterion.dpo, reference_free=True)),
+            chunk_size=config.loss_chunk_size, reference_P2=None)
+    stats = PreferenceStats.zero(device)
+    progress = TrainingProgress(total=config.max_num_steps, start=state.step, enabled=gangs.is_main)
+    stopped = False
+    model.train()
+    with progress:
+        while state.step < config.max_num_steps:
+            batches = reader.next_step_batches()
+            if batches is None:
+                log.info("data exhausted after %d epochs", config.max_num_data_epochs)
+                break
+            nonfinite.begin_step(stats)
+            step_loss = accumulate_pair_gradients(model, batches, gangs=gangs, autocast=autocast,
+                                                  scaler=state.scaler, loss_fn=loss_fn, stats=stats)
+            lr = optimizer.param_groups[0]["lr"]
+            grad_norm = optimizer_step(model, optimizer, scheduler, state.scaler, max_grad_norm=config.max_grad_norm,
+                                       skip_if=nonfinite.skip_if(step_loss, state.step + 1))
+            nonfinite.end_step(stats, step_loss, grad_norm)
+            state.step += 1
+            step = state.step
+            stats.steps += 1
+            progress.advance(step)
+            if step % config.publish_metrics_every_n_steps == 0 or step == config.max_num_steps:
+                stats.grad_norm = float(grad_norm)
+                values = publish_preference_stats(stats, gangs, lr=lr, peak_tflops=peak_tflops,
+                                                  flops_per_token=flops_per_token, epoch=reader.epoch)
+                if recorders is not None:
+                    recorders.record("train", step, values)
+                    progress.log(f"step {step} " + format_metrics(values))
+                stats = PreferenceStats.zero(device)
+                check_finite()
+            if valid_pairs is not None and step % config.validate_every_n_steps == 0:
+                batches = iter_pair_batches(valid_pairs, max_seq_len=config.max_seq_len,
+                                            max_num_tokens=config.max_num_tokens, packing=config.packing,
+                                            dp_size=gangs.dp.size, dp_rank=gangs.dp.rank, pad_id=pad_id(tokenizer))
+                values = validate_pairs(model, batches, gangs=gangs, autocast=autocast, loss_fn=valid_loss_fn)
+                if recorders is not None:
+                    recorders.record("valid", step, values)
+                    progress.log(f"valid step {step} " + format_metrics(values))
+            stopping = stop.requested(gangs)
+            if step % config.checkpoint_every_n_steps == 0 or stopping:
+                save_checkpoint()
+                saved_step = step
+            if stopping:
+                stopped = True
+                log.warning("stopped by signal at step %d; checkpoint saved, re-run the same command to resume", step)
+                break
+    if saved_step != state.step:
+        save_checkpoint()
+    if recorders is not None:
+        recorders.close()
+    return EXIT_STOPPED if stopped else EXIT_OK
+
+
+PREFERENCE_FINETUNE_COMMAND = recipe_command(
+    help="fine-tune a language model on preference pairs (DPO, SimPO, ORPO, CPO)",
+    config_class=PreferenceFinetuneConfig,
+    run=run_preference_finetune,
+    sweep_prefix="ft",
+)
