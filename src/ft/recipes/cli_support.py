@@ -24,9 +24,13 @@ RecipeRun = Callable[[Any, Path], int | None]
 
 
 def recipe_command(
-    *, help: str, config_class: type, run: RecipeRun, sweep_prefix: str, recipe: str | None = None
+    *, help: str, config_class: type, run: RecipeRun, sweep_prefix: str, recipe: str | None = None,
+    dry_run: Callable[[Any], int | None] | None = None,
 ) -> Command:
     """A Command that builds `config_class` from the CLI and calls `run(config, output_dir)`.
+
+    `dry_run(config)` answers `--dry-run` (print the plan, build nothing on a GPU);
+    a recipe without one refuses the flag.
 
     `recipe` names the preset folder (`ft/recipes/presets/<recipe>/`); default: the
     name of the module that defines `run`.
@@ -52,6 +56,10 @@ def recipe_command(
 
             print(annotated_dump(config, origins, explain=args.explain), end="")
             return 0
+        if args.dry_run:
+            if dry_run is None:
+                raise ConfigError(f"--dry-run is not available for {recipe} yet")
+            return dry_run(config)
         if args.output_dir is None:
             raise ConfigError("OUT is required: the directory for checkpoints, metrics and logs")
         with run_directory(Path(args.output_dir), config, sweep=not args.no_sweep_dir, sweep_prefix=sweep_prefix,
@@ -104,6 +112,9 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the effective config as YAML, each value marked with where it came from "
                              "(default, preset, file, command line), and exit")
     parser.add_argument("--explain", action="store_true", help="with --dump-config: a description above each key")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (parameters, tokens and steps per epoch, predicted peak GPU memory by "
+                             "component, whether it fits max_memory_gib) and exit; builds nothing on a GPU")
     parser.add_argument(
         "--no-sweep-dir",
         action="store_true",

@@ -25,7 +25,8 @@ from ft.lora.training import check_lora_run, export_lora, lora_fingerprint, star
 from ft.models import create_model, model_flops_per_token
 from ft.models.parallelize import check_parallel_layout, parallelize_model
 from ft.recipes.cli_support import recipe_command
-from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig
+from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig, optimizer_settings
+from ft.recipes.sft_plan import dry_run_instruction_finetune, predicted_peak_gib
 from ft.recipes.lm_setup import (
     DTYPES, pad_id, read_sft_data, resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging,
     sft_validation_batches,
@@ -35,7 +36,9 @@ from ft.training.compile_choice import resolve_compile
 from ft.training.export import export_hf_model
 from ft.training.metrics import MetricBag, device_peak_tflops, format_metrics
 from ft.training.nonfinite import NonFiniteGuard
-from ft.training.optim import build_optimizer, build_scheduler
+from ft.training.activation_offloading import offloading_loss_fn
+from ft.training.optim import build_scheduler
+from ft.training.optimizers import build_optimizer, step_in_backward
 from ft.training.progress import TrainingProgress
 from ft.training.step import accumulate_gradients, next_token_loss, optimizer_step, validate
 from ft.training.step_stats import StepStats, publish_stats
@@ -107,9 +110,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     )
     if lora is not None:
         start_lora(model, lora, seed=config.seed, resuming=resume_step is not None, dtype=dtype)
-    optimizer = build_optimizer(
-        model, learning_rate=config.learning_rate, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
-    )
+    optimizer = build_optimizer(model, optimizer_settings(config), dp_size=gangs.dp.size)
     scheduler = build_scheduler(
         optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup_steps, max_num_steps=config.max_num_steps,
         final_lr_scale=config.final_lr_scale,
@@ -151,7 +152,11 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     # FSDP casts parameters itself (MixedPrecisionPolicy); one process and DDP need autocast.
     fsdp = gangs.dp.size > 1 and config.data_parallelism == "fsdp"
     autocast = torch.autocast(device.type, dtype=dtype) if mixed and not fsdp else contextlib.nullcontext()
-    loss_fn = next_token_loss(config.loss_chunk_size)
+    loss_fn = offloading_loss_fn(next_token_loss(config.loss_chunk_size), enabled=config.activation_offloading,
+                                 device=device)
+    # The memory model's figure beside the measured peak in the first metrics line, so its error shows.
+    predicted = {"predicted_peak_memory_gib": predicted_peak_gib(config, source.config, dp_size=gangs.dp.size,
+                                                                 tp_size=gangs.tp.size)}
     stats = StepStats.zero(device, warmup_steps=WARMUP_STEPS)
     saved_step = state.step if resume_step is not None else None
     progress = TrainingProgress(total=config.max_num_steps, start=state.step, enabled=gangs.is_main)
@@ -167,8 +172,12 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             step_loss = accumulate_gradients(model, batches, gangs=gangs, autocast=autocast, scaler=state.scaler,
                                              loss_fn=loss_fn, stats=stats)
             lr = optimizer.param_groups[0]["lr"]
-            grad_norm = optimizer_step(model, optimizer, scheduler, state.scaler, max_grad_norm=config.max_grad_norm,
-                                       skip_if=nonfinite.skip_if(step_loss, state.step + 1))
+            if config.optimizer_in_backward:  # parameters were stepped as their gradients arrived
+                grad_norm = step_in_backward(optimizer, scheduler)
+            else:
+                grad_norm = optimizer_step(model, optimizer, scheduler, state.scaler,
+                                           max_grad_norm=config.max_grad_norm,
+                                           skip_if=nonfinite.skip_if(step_loss, state.step + 1))
             nonfinite.end_step(stats, step_loss, grad_norm)
             state.step += 1
             step = state.step
@@ -177,7 +186,8 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             if step % config.publish_metrics_every_n_steps == 0 or step == config.max_num_steps:
                 stats.grad_norm = float(grad_norm)
                 values = publish_stats(stats, gangs, lr=lr, peak_tflops=peak_tflops, flops_per_token=flops_per_token,
-                                       epoch=reader.epoch)
+                                       epoch=reader.epoch) | predicted
+                predicted = {}
                 if recorders is not None:
                     recorders.record("train", step, values)
                     progress.log(f"step {step} " + format_metrics(values))
@@ -208,5 +218,6 @@ INSTRUCTION_FINETUNE_COMMAND = recipe_command(
     help="fine-tune a language model on instruction data",
     config_class=InstructionFinetuneConfig,
     run=run_instruction_finetune,
+    dry_run=dry_run_instruction_finetune,
     sweep_prefix="ft",
 )

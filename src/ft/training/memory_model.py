@@ -1,0 +1,245 @@
+"""A model of peak GPU memory per rank for fine-tuning, from the arch and the settings.
+
+`predict_memory(MemoryPlan(...))` adds up, in bytes per rank:
+- weights: trainable and frozen parameters in their storage dtype, sharded by
+  FSDP (dp x tp) or TP, plus the unsharded compute-dtype copies FSDP gathers (two
+  blocks in flight; every block with `reshard_after_forward=false`) or autocast
+  keeps for backward (one process, mixed precision, no activation checkpointing);
+- gradients: one per trainable parameter in its dtype (float32 reduce under FSDP
+  mixed precision), or, with the optimizer in backward, the two largest at once;
+- optimizer states: the optimizer's own count (`OptimizerKind.state_bytes`),
+  float32 where the step is stochastically rounded, none on the GPU when offloaded;
+- step transient: what the step allocates beside them (float32 copies of one
+  parameter and its gradient when stepped one at a time; torch's multi-tensor
+  Adafactor a copy of all gradients);
+- activations: per token and block, what a Llama-shaped block saves for backward
+  (`_block_bytes_per_token`) under no, selective or full checkpointing; with
+  activation offloading, two blocks' worth stay on the GPU;
+- loss chunk: the float32 logits of one `loss_chunk_size` chunk, their softmax and
+  gradient, live in backward.
+Peak = weights + states + max(activations + loss chunk + output-layer gradient,
+gradients + step transient): activations are largest at the end of forward,
+gradients at the end of backward. `allocator_slack` (fragmentation, about 5%, and
+the CUDA context, which `max_memory_allocated` does not count) is added for the
+"does it fit" question only.
+
+The block formula counts the tensors the Llama family saves (RMSNorm inputs in
+float32, flash/flex attention's q, k, v, output and log-sum-exp, SwiGLU's gate, up
+and product); other families of the same shape differ by their extra norms only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CUDA_CONTEXT_BYTES = 0.5 * GIB
+FRAGMENTATION = 0.05
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryPlan:
+    model_config: Any
+    dtype: str = "bfloat16"
+    """Compute dtype (float32, bfloat16, float16)."""
+    mixed_precision: bool = True
+    optimizer: str = "adamw"
+    optimizer_in_backward: bool = False
+    optimizer_cpu_offload: bool = False
+    stochastic_rounding: bool = False
+    activation_checkpointing: str = "none"
+    activation_offloading: bool = False
+    max_num_tokens: int = 4096
+    loss_chunk_size: int = 1024
+    dp_size: int = 1
+    tp_size: int = 1
+    data_parallelism: str = "fsdp"
+    fsdp_reshard_after_forward: bool = True
+    lora_rank: int | None = None
+    """LoRA: only adapters of this rank on every linear layer train (an upper bound)."""
+    lora_nf4: bool = False
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per rank by component; `peak` is the predicted max allocated."""
+
+    weights: float
+    gradients: float
+    optimizer_states: float
+    step_transient: float
+    activations: float
+    loss_chunk: float
+    output_gradient: float
+    allocator_slack: float
+    params_total: int
+    params_trainable: int
+
+    @property
+    def peak(self) -> float:
+        forward_end = self.activations + self.loss_chunk + self.output_gradient
+        backward_end = self.gradients + self.step_transient
+        return self.weights + self.optimizer_states + max(forward_end, backward_end)
+
+    @property
+    def peak_with_slack(self) -> float:
+        return self.peak + self.allocator_slack
+
+    def components_gib(self) -> dict[str, float]:
+        names = ("weights", "gradients", "optimizer_states", "step_transient", "activations", "loss_chunk",
+                 "allocator_slack")
+        return {name: getattr(self, name) / GIB for name in names}
+
+
+def parameter_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter (tied ones once), from a meta-device build (no memory)."""
+    from ft.models.family import build_meta_model
+
+    model = build_meta_model(model_config, torch.float32)
+    return {name: tuple(param.shape) for name, param in model.named_parameters()}
+
+
+def _block_bytes_per_token(config: Any, compute_bytes: int, tp: int) -> float:
+    """Bytes one decoder block saves for backward per token, with no checkpointing."""
+    dim, kv_dim, ffn = config.dim, config.n_kv_heads * config.head_dim, config.ffn_dim
+    norms = 2 * (4 * dim)  # each RMSNorm saves its float32 input
+    # norm outputs and linear inputs, q and attention output, k and v, SwiGLU's gate, up and product.
+    sharded = compute_bytes * (4 * dim / tp + 2 * dim / tp + 2 * kv_dim / tp + 3 * ffn / tp) + 4 * config.n_heads / tp
+    return norms + sharded
+
+
+def _selective_bytes_per_token(config: Any, compute_bytes: int, residual_bytes: int, tp: int) -> float:
+    """Selective checkpointing keeps the block input, attention's output and every other matmul output."""
+    dim, kv_dim, ffn = config.dim, config.n_kv_heads * config.head_dim, config.ffn_dim
+    matmul_outputs = (3 * dim + 2 * kv_dim + 2 * ffn) / tp
+    return residual_bytes * dim + compute_bytes * (2 * dim / tp + matmul_outputs / 2)
+
+
+def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None = None) -> MemoryEstimate:
+    from ft.training.optimizers import OPTIMIZERS
+
+    config = plan.model_config
+    shapes = shapes if shapes is not None else parameter_shapes(config)
+    compute = DTYPE_BYTES[plan.dtype]
+    mixed = plan.mixed_precision and plan.dtype != "float32"
+    param_bytes = 4 if mixed else compute
+    fsdp = plan.dp_size > 1 and plan.data_parallelism == "fsdp"
+    shard = (plan.dp_size if fsdp else 1) * plan.tp_size
+    numels = {name: math.prod(shape) for name, shape in shapes.items()}
+    total = sum(numels.values())
+
+    lora = plan.lora_rank is not None
+    if lora:
+        trainable_shapes = {f"{name}.lora": (plan.lora_rank * (shape[0] + shape[1]),)
+                            for name, shape in shapes.items() if len(shape) == 2 and "embed" not in name}
+    else:
+        trainable_shapes = shapes
+    trainable = sum(math.prod(s) for s in trainable_shapes.values())
+    frozen_bytes = (0.5 + 4 / 64) if lora and plan.lora_nf4 else (compute if lora else param_bytes)
+    weights = ((total * frozen_bytes + trainable * param_bytes) if lora else total * param_bytes) / shard
+
+    block_params = _block_params(shapes)
+    if fsdp and mixed:  # compute-dtype copies gathered for the blocks in flight
+        weights += (block_params * config.n_layers if not plan.fsdp_reshard_after_forward else 2 * block_params) \
+            * compute / plan.tp_size
+    elif mixed and plan.dp_size == 1 and plan.activation_checkpointing == "none":
+        weights += total * compute / plan.tp_size  # autocast's casts, saved for backward
+
+    grad_bytes = 4 if (fsdp and mixed) else param_bytes
+    largest = max(math.prod(s) for s in trainable_shapes.values())
+    if plan.optimizer_in_backward:
+        gradients = 2 * largest * grad_bytes / plan.tp_size
+        if fsdp:
+            gradients = 2 * block_params * compute / plan.tp_size
+    else:
+        gradients = trainable * grad_bytes / shard
+
+    kind = OPTIMIZERS.get(plan.optimizer, key="optimizer")
+    state_element = 4 if plan.stochastic_rounding and not kind.native_stochastic_rounding else param_bytes
+    if plan.optimizer_cpu_offload:
+        states = 0.0
+    else:
+        states = sum(kind.state_bytes(shape, state_element) for shape in trainable_shapes.values()) / shard
+
+    per_parameter = plan.optimizer_in_backward or plan.optimizer_cpu_offload or (
+        plan.stochastic_rounding and not kind.native_stochastic_rounding)
+    if per_parameter:
+        step_transient = largest * 8 / shard if (plan.stochastic_rounding or plan.optimizer_cpu_offload) else 0.0
+    elif plan.optimizer == "adafactor":
+        step_transient = trainable * grad_bytes / shard  # torch's foreach Adafactor copies the gradients
+    else:
+        step_transient = 0.0
+
+    tokens = plan.max_num_tokens
+    residual = 4 if (mixed and not fsdp) else compute  # autocast keeps the residual stream in float32
+    block = _block_bytes_per_token(config, compute, plan.tp_size)
+    if plan.activation_checkpointing == "full":
+        per_token = config.n_layers * residual * config.dim + block
+    elif plan.activation_checkpointing == "selective":
+        per_token = config.n_layers * _selective_bytes_per_token(config, compute, residual, plan.tp_size) + block
+    else:
+        per_token = config.n_layers * block
+    if plan.activation_offloading:
+        per_token = min(per_token, 2 * block + config.n_layers * residual * config.dim / 8)
+    # embedding output, final norm (float32 input) and its output, hidden states kept for the chunked loss.
+    per_token += residual * config.dim + 4 * config.dim + 2 * compute * config.dim
+    activations = tokens * per_token
+
+    vocab = config.vocab_size / plan.tp_size
+    loss_chunk = 3 * min(plan.loss_chunk_size, tokens) * vocab * 4
+    output_numel = max((n for name, n in numels.items() if "lm_head" in name or "embed" in name), default=0)
+    output_gradient = 0.0 if lora else output_numel * grad_bytes / shard
+
+    estimate = MemoryEstimate(
+        weights=weights, gradients=gradients, optimizer_states=states, step_transient=step_transient,
+        activations=activations, loss_chunk=loss_chunk, output_gradient=output_gradient, allocator_slack=0.0,
+        params_total=total, params_trainable=trainable,
+    )
+    return dataclasses.replace(estimate, allocator_slack=FRAGMENTATION * estimate.peak + CUDA_CONTEXT_BYTES)
+
+
+def _block_params(shapes: dict[str, tuple[int, ...]]) -> int:
+    """Parameters of one decoder block (block 0)."""
+    return sum(math.prod(shape) for name, shape in shapes.items() if ".layers.0." in f".{name}")
+
+
+def cheapest_fix(plan: MemoryPlan, budget_bytes: float, shapes: dict[str, tuple[int, ...]]) -> tuple[str, MemoryEstimate] | None:
+    """The first setting change, in order of least cost to speed, under which the plan fits
+    `budget_bytes`; None if none of the single or combined changes tried does."""
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    if plan.activation_checkpointing == "none":
+        candidates.append(("activation_checkpointing=selective", {"activation_checkpointing": "selective"}))
+    if plan.optimizer == "adamw" and plan.lora_rank is None:
+        candidates.append(("optimizer=adafactor", {"optimizer": "adafactor"}))
+    if plan.activation_checkpointing != "full":
+        candidates.append(("activation_checkpointing=full", {"activation_checkpointing": "full"}))
+    if not plan.optimizer_in_backward:
+        candidates.append(("optimizer_in_backward=true max_grad_norm=null", {"optimizer_in_backward": True}))
+    if plan.mixed_precision and plan.dtype != "float32":
+        candidates.append(("mixed_precision=false bf16_stochastic_rounding=true",
+                           {"mixed_precision": False, "stochastic_rounding": True}))
+    if plan.max_num_tokens > 1024:
+        candidates.append((f"max_num_tokens={plan.max_num_tokens // 2} gradient_accumulation=2 (same tokens per step)",
+                           {"max_num_tokens": plan.max_num_tokens // 2}))
+    # Single changes first, then all of them so far together (the recipe for an 8B model on 24 GB).
+    for label, change in candidates:
+        estimate = predict_memory(dataclasses.replace(plan, **change), shapes)
+        if estimate.peak_with_slack <= budget_bytes:
+            return label, estimate
+    combined: dict[str, Any] = {}
+    labels: dict[str, str] = {}  # first changed key -> label, so a later choice of the same key replaces it
+    for label, change in candidates:
+        if "max_num_tokens" in change and combined.get("optimizer_in_backward"):
+            continue  # in backward needs gradient_accumulation=1
+        combined.update(change)
+        labels[next(iter(change))] = label
+        estimate = predict_memory(dataclasses.replace(plan, **combined), shapes)
+        if estimate.peak_with_slack <= budget_bytes:
+            return " ".join(labels.values()), estimate
+    return None
