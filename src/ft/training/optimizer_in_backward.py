@@ -18,8 +18,7 @@ that step parameters one at a time.
 It is a `torch.optim.Optimizer`, so the LR scheduler and
 `torch.distributed.checkpoint.state_dict` treat it as one optimizer: its param
 groups hold one parameter each (the model's), `state` maps each parameter to its
-inner optimizer's state (plus `master_weight` where the host copy is the only full
-precision one), and `load_state_dict` restores the states without casting them to
+inner optimizer's state (plus `master_weight`, the host copy, when offloading), and `load_state_dict` restores the states without casting them to
 the parameter's dtype (which `Optimizer.load_state_dict` would do).
 """
 
@@ -183,7 +182,9 @@ class PerParameterOptimizer(torch.optim.Optimizer):
             if not inner_state:
                 continue
             state = dict(inner_state)
-            if self.cpu_offload and param.dtype != torch.float32:
+            if self.cpu_offload:
+                # Saved even for float32 parameters: DCP's loader may step a fresh optimizer
+                # (lr 0) after loading the model, which writes the old host copy back.
                 state[MASTER_WEIGHT] = slot.target.detach()
             merged[param] = state
         return merged
@@ -210,6 +211,7 @@ class PerParameterOptimizer(torch.optim.Optimizer):
             master = saved_state.pop(MASTER_WEIGHT, None)
             if master is not None:
                 slot.target.detach().copy_(master)
+                _local(param).detach().copy_(slot.target)
             elif self.cpu_offload:
                 slot.target.detach().copy_(_local(param))
             device = _local(slot.target).device
