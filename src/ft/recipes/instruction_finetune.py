@@ -81,8 +81,11 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     checkpoints = CheckpointManager(
         output_dir / "checkpoints", is_main=gangs.is_main, barrier=gangs.root.barrier,
         keep_last_n_checkpoints=config.keep_last_n_checkpoints, keep_last_n_models=config.keep_last_n_models,
-        trainable_only=lora is not None,
+        trainable_only=lora is not None, background=config.checkpoint_in_background,
+        single_process=gangs.root.size == 1,
     )
+    if config.save_model_only:
+        log.warning("save_model_only: checkpoints hold only the model, no trainer state; this run cannot be resumed")
     checkpoints.remove_incomplete()
     resume_step = checkpoints.latest_resumable_step()
     # Mixed precision keeps float32 master weights and computes in `dtype`.
@@ -135,13 +138,14 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     def save_checkpoint() -> None:
         check_finite()  # never save a non-finite state: the newest checkpoint stays the last good one
         export = functools.partial(export_hf_model, model, is_main=gangs.is_main,
-                                   dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer)
+                                   dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer,
+                                   defer=checkpoints.in_background)
         if lora is not None:
             export = functools.partial(export_lora, model, is_main=gangs.is_main, dtype=DTYPES[config.save_model_dtype],
                                        config=lora, source=source, tokenizer=tokenizer)
         path = checkpoints.save(state.step, model=model, optimizer=optimizer, extra=state.state_dict(),
-                                model_config=model_config_dict, export_model=export)
-        log.info("saved checkpoint %s", path)
+                                model_config=model_config_dict, export_model=export, model_only=config.save_model_only)
+        log.info("writing checkpoint %s in the background" if checkpoints.in_background else "saved checkpoint %s", path)
 
     recorders = MetricBag(output_dir, config.metric_recorders, wandb_project=config.wandb_project,
                           config=config_to_dict(config), start_step=state.step) if gangs.is_main else None
@@ -209,6 +213,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
                 break
     if saved_step != state.step:
         save_checkpoint()
+    checkpoints.close()  # the last save is complete before the run ends
     if recorders is not None:
         recorders.close()
     return EXIT_STOPPED if stopped else EXIT_OK

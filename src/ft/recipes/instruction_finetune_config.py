@@ -105,6 +105,10 @@ class InstructionFinetuneConfig:
     keep_last_n_checkpoints: int | None = 1
     keep_last_n_models: int | None = None
     save_model_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    save_model_only: bool = False
+    """Checkpoints hold only the HF-layout model, no trainer state: smaller and faster, but the run cannot resume."""
+    checkpoint_in_background: bool = True
+    """Write checkpoints on a worker thread while training goes on (the next save and the end of the run wait)."""
     resume_checkpoint_dir: str | None = None
     """Start from another run's weights: a `checkpoints` directory, with
     `model=last_checkpoint` or `model=checkpoint_step_N`."""

@@ -8,8 +8,10 @@ A step directory holds
   - the consolidated model in the Hugging Face layout (`*.safetensors`, `config.json`,
     tokenizer files), loadable by transformers and vLLM as it is;
   - `ft-manifest.json`: every file above with its size and sha256 (see manifest.py).
+A step may hold only the model (`model_only`): such a run cannot resume from it.
 Everything is written to `step_N.tmp/`, fsynced, listed in the manifest and renamed
-when complete, so a crash or power loss never leaves a half checkpoint that looks
+when complete (with `background=True` the writing, sealing and renaming run on a
+worker thread, `ft.training.background_save`; the next save and `close()` wait for it), so a crash or power loss never leaves a half checkpoint that looks
 whole. Resuming verifies the newest trainer state against its manifest and refuses,
 naming the step, when it does not match. ft removes only what a manifest lists (or a
 `.tmp` directory carrying its marker), and never through a symlink. Nothing is
@@ -20,6 +22,7 @@ DCP's own classes before DCP reads it, and its non-tensor items load `weights_on
 from __future__ import annotations
 
 import fnmatch
+import functools
 import io
 import json
 import logging
@@ -38,6 +41,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ft.errors import CheckpointDamagedError, CheckpointError, OutputDirError
+from ft.training.background_save import BackgroundSaver, CpuStager
 from ft.training.extra_state import ExtraStateError, load_extra_state, save_extra_state
 from ft.training.manifest import (
     MANIFEST_NAME, FileRecord, Manifest, ManifestError, fsync_dir, has_incomplete_marker, read_manifest,
@@ -130,7 +134,12 @@ class CheckpointManager:
         keep_last_n_checkpoints: int | None,
         keep_last_n_models: int | None,
         trainable_only: bool = False,
+        background: bool = False,
+        single_process: bool = True,
     ) -> None:
+        """`background`: write checkpoints on a worker thread. The HF export, manifest
+        and rename always go there; the trainer state too on a single process (with
+        several, DCP's save takes part in collectives, so it stays on the loop's thread)."""
         self.dir = checkpoint_dir
         # LoRA: the trainer state holds only trainable tensors; the frozen base comes from its checkpoint.
         # (not strict: set_state_dict would ask for the frozen keys; DCP's load already fails on missing ones)
@@ -140,6 +149,25 @@ class CheckpointManager:
         self.keep_last_n_checkpoints = keep_last_n_checkpoints
         self.keep_last_n_models = keep_last_n_models
         self._verified: set[int] = set()
+        self._background = BackgroundSaver() if background else None
+        self._stager = CpuStager() if background and single_process else None
+
+    @property
+    def in_background(self) -> bool:
+        return self._background is not None
+
+    def wait(self) -> None:
+        """Wait for a save in flight (re-raising its error); a no-op without one."""
+        if self._background is not None:
+            self._background.wait()
+            self.barrier()
+
+    def close(self) -> None:
+        """Finish the save in flight and stop the worker thread."""
+        if self._background is not None:
+            self._background.close()
+            self._background = None
+            self.barrier()
 
     # -- start of a run -------------------------------------------------------------
 
@@ -188,34 +216,62 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         extra: dict[str, Any],
         model_config: dict[str, Any],
-        export_model: Callable[[Path], None],
+        export_model: Callable[[Path], Callable[[], None] | None],
+        model_only: bool = False,
     ) -> Path:
-        """Write step_N atomically. `export_model(dir)` writes the HF-layout model (collective)."""
+        """Write step_N atomically. `export_model(dir)` writes the HF-layout model (collective);
+        it may instead gather it and return the write, which then runs with the rest of the
+        save (in the background when the manager has `background=True`). `model_only`: no
+        trainer state (a run cannot resume from such a step)."""
+        self.wait()  # one save in flight at a time
         final = self.dir / step_dir_name(step)
         tmp = self.dir / (step_dir_name(step) + ".tmp")
+        write_state: Callable[[], Any] | None = None
         try:
             if self.is_main:
-                self._start_tmp(step, tmp)
+                self._start_tmp(step, tmp, trainer=not model_only)
             self.barrier()
-            model_state, optimizer_state = get_state_dict(model, optimizer, options=self.state_dict_options)
-            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / TRAINER_SUBDIR))
-            export_model(tmp)
-            if self.is_main:
+            if not model_only:
+                model_state, optimizer_state = get_state_dict(model, optimizer, options=self.state_dict_options)
+                state = {"model": model_state, "optimizer": optimizer_state}
+                trainer_id = str(tmp / TRAINER_SUBDIR)
+                if self._stager is not None:
+                    staged = self._stager.stage(state)
+                    write_state = functools.partial(dcp.save, staged, checkpoint_id=trainer_id)
+                else:
+                    dcp.save(state, checkpoint_id=trainer_id)
+            write_model = export_model(tmp)
+            if self.is_main and not model_only:
                 save_extra_state(extra, tmp / TRAINER_SUBDIR)
                 (tmp / TRAINER_SUBDIR / "model_config.json").write_text(json.dumps(model_config, indent=2))
-                seal(tmp, step)
-                self._publish(tmp, final)
         except (CheckpointException, OSError) as error:
             raise self._save_failed(step, tmp, error) from None
         except ExtraStateError as error:  # a bug in what the caller saves, not a user mistake
             raise TypeError(f"cannot save trainer state of step {step}: {error}") from None
-        if self.is_main:
-            self._verified.add(step)
-            self._prune()
-        self.barrier()
+
+        def finish() -> None:
+            try:
+                if write_state is not None:
+                    write_state()
+                if write_model is not None:
+                    write_model()
+                if self.is_main:
+                    seal(tmp, step)
+                    self._publish(tmp, final)
+            except (CheckpointException, OSError) as error:
+                raise self._save_failed(step, tmp, error) from None
+            if self.is_main:
+                self._verified.add(step)
+                self._prune()
+
+        if self._background is not None:
+            self._background.submit(step, finish)
+        else:
+            finish()
+            self.barrier()
         return final
 
-    def _start_tmp(self, step: int, tmp: Path) -> None:
+    def _start_tmp(self, step: int, tmp: Path, *, trainer: bool = True) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if (tmp.exists() or tmp.is_symlink()) and not self._remove_tmp(tmp):
             raise CheckpointError(
@@ -223,7 +279,8 @@ class CheckpointManager:
             )
         tmp.mkdir()
         write_incomplete_marker(tmp, step)
-        (tmp / TRAINER_SUBDIR).mkdir()
+        if trainer:
+            (tmp / TRAINER_SUBDIR).mkdir()
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename the sealed tmp dir to its final name, replacing an earlier save of the same step."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -14,17 +15,25 @@ from ft.models.parallelize import iter_full_state_dict
 
 
 def export_hf_model(model: nn.Module, directory: Path, *, is_main: bool, dtype: torch.dtype,
-                    tokenizer: Any = None) -> None:
+                    tokenizer: Any = None, defer: bool = False) -> Callable[[], None] | None:
     """Write `model` (plain, FSDP/TP-sharded or DDP) to `directory` in the HF layout.
 
     A collective: every rank must call it; rank 0 gathers one tensor at a time and
-    writes, the others only take part in the gathers.
+    writes, the others only take part in the gathers. `defer`: rank 0 gathers the
+    whole model into host memory (in `dtype`) and returns the write, for a
+    background thread (`ft.training.background_save`); the gathers stay here.
     """
     # FSDP x TP weights are (_StridedShard, Shard) DTensors, whose gather torch does as
     # two all-gathers and warns about on every rank at every save; gathers do not
     # reduce, so the result is exact and the warning is noise.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
-    items = iter_full_state_dict(model, rank0_only=True)
+    items = iter_full_state_dict(model, rank0_only=True, dtype=dtype if defer else None)
+    if defer:
+        gathered = list(items)  # empty on the other ranks
+        if not is_main:
+            return None
+        return functools.partial(save_hf_state_dict, gathered, model.config, directory, dtype=dtype,
+                                 tokenizer=tokenizer)
     if is_main:
         save_hf_state_dict(items, model.config, directory, dtype=dtype, tokenizer=tokenizer)
     else:

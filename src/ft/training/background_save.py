@@ -1,0 +1,97 @@
+"""Checkpoint writes off the training loop's critical path.
+
+A save has a short part that must happen on the loop's thread, in step with the
+other ranks (gathering sharded weights, copying the state out of the GPU), and a
+long part that only touches the host and the disk (serialising, fsync, the
+manifest's sha256 of every file, the atomic rename, pruning). `BackgroundSaver`
+runs the long part on one worker thread; `CpuStager` makes the copies the worker
+writes, into pinned host buffers that are reused from one save to the next.
+
+Only one save is ever in flight: the next save, and the end of the run, wait for
+the previous one and re-raise its error. A process killed while the worker writes
+leaves `step_N.tmp` (with ft's marker), which the next start removes: the
+atomic-rename guarantee of `ft.training.checkpoint` is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("ft")
+
+
+class CpuStager:
+    """Copies a (nested dict/list) state of tensors to host memory that the training
+    loop will not touch again: pinned buffers when the state is on an accelerator
+    (one device sync for the whole state), reused across saves by their position
+    in the state; non-tensor leaves are deep-copied (optimizer hyper-parameters
+    change every step)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def stage(self, state: Any) -> Any:
+        synchronize: set[torch.device] = set()
+        staged = self._copy(state, "", synchronize)
+        for device in synchronize:
+            torch.cuda.synchronize(device)
+        return staged
+
+    def _copy(self, value: Any, path: str, synchronize: set[torch.device]) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._copy_tensor(value, path, synchronize)
+        if isinstance(value, dict):
+            return {key: self._copy(item, f"{path}/{key}", synchronize) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            items = [self._copy(item, f"{path}/{i}", synchronize) for i, item in enumerate(value)]
+            return type(value)(items) if isinstance(value, list) else tuple(items)
+        return copy.deepcopy(value)
+
+    def _copy_tensor(self, tensor: torch.Tensor, path: str, synchronize: set[torch.device]) -> torch.Tensor:
+        tensor = tensor.detach()
+        pin = tensor.device.type == "cuda"
+        buffer = self._buffers.get(path)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            self._buffers[path] = buffer
+        buffer.copy_(tensor, non_blocking=pin)
+        if pin:
+            synchronize.add(tensor.device)
+        return buffer
+
+
+class BackgroundSaver:
+    """One worker thread running the disk half of checkpoint saves, one at a time."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ft-checkpoint")
+        self._pending: tuple[int, Future] | None = None
+
+    def submit(self, step: int, write: Callable[[], None]) -> None:
+        self.wait()
+        self._pending = (step, self._executor.submit(write))
+
+    @property
+    def pending_step(self) -> int | None:
+        return self._pending[0] if self._pending is not None else None
+
+    def wait(self) -> None:
+        """Block until the save in flight is written; re-raise its error."""
+        if self._pending is None:
+            return
+        step, future = self._pending
+        self._pending = None
+        if not future.done():
+            log.info("waiting for checkpoint step_%d to finish writing", step)
+        future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
