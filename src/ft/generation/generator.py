@@ -99,6 +99,7 @@ class Generation:
 
 
 ProgressCallback = Callable[[int, int], None]  # (prompts finished, tokens generated) since the last call
+BatchCallback = Callable[[list[tuple[int, "Generation"]]], None]  # (prompt index, generation) of a finished batch
 
 
 @dataclass
@@ -141,7 +142,9 @@ class Generator:
         *,
         progress: ProgressCallback | None = None,
         stats: GenerateStats | None = None,
+        on_batch: BatchCallback | None = None,
     ) -> list[Generation]:
+        """`on_batch` gets each batch's generations as soon as the batch is done (to write them)."""
         config, tokenizer = self.config, self.tokenizer
         prompt_ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         for i, ids in enumerate(prompt_ids):
@@ -182,6 +185,8 @@ class Generator:
                 body = tokens[:-1] if reason == "stop" else tokens
                 text = tokenizer.decode(prompt_ids[i] + body if config.echo_prompt else body)
                 results[i] = Generation(prompt_ids[i], tokens, logprobs, score, reason, text)
+            if on_batch is not None:
+                on_batch([(i, results[i]) for i in batch_index])
         log.debug("decode step ran as: %s", step.path)
         generations = [r for r in results if r is not None]
         if stats is not None:
@@ -200,6 +205,7 @@ def generate(
     stop_ids: Sequence[int] | None = None,
     progress: ProgressCallback | None = None,
     stats: GenerateStats | None = None,
+    on_batch: BatchCallback | None = None,
 ) -> list[Generation]:
     """Responses to `prompts` (token ids, or text encoded with `tokenizer.encode_prompt`),
     in the same order. `stop_ids` defaults to `tokenizer.stop_ids`; pass `()` to always
@@ -207,7 +213,7 @@ def generate(
     work completes; `stats` is filled in at the end.
     """
     generator = Generator(model, tokenizer, config, stop_ids=stop_ids)
-    return generator(prompts, progress=progress, stats=stats)
+    return generator(prompts, progress=progress, stats=stats, on_batch=on_batch)
 
 
 def prefill(model: nn.Module, cache: StaticKVCache, prompts: list[list[int]], rows_per_prompt: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -3,7 +3,9 @@
     ft lm generate SAVE_DIR --no-sweep-dir --config checkpoint_dir=OUT/checkpoints \
         model=checkpoint_step_1000 generator_config.temperature=0.1 dataset=test.jsonl
 
-Writes `SAVE_DIR/output/rank_K.jsonl` (one object per prompt, in dataset order:
+Outputs are written as prompts finish (`ft.generation.partial_outputs`): a killed
+run keeps them and re-running the same command generates only the rest. Writes
+`SAVE_DIR/output/rank_K.jsonl` (one object per prompt, in dataset order:
 id, prompt, response, token ids, log-probs, score, finish reason, reference and
 its per-row scores) with a readable `rank_K.txt` beside it, and, when rows carry
 references, `SAVE_DIR/metrics/generate.json` with the accuracy, also printed.
@@ -26,12 +28,15 @@ from typing import Any, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ft.data import PromptRow, read_prompts
+from ft.config import config_hash
 from ft.errors import CheckpointError, ConfigError
 from ft.gang import Gang, Gangs, setup_gangs
 from ft.generation import Generation, GenerateStats, GeneratorConfig, ScoreSummary, generate
+from ft.generation.partial_outputs import PartialOutputs
+from ft.lora.adapter_model import adapter_source, create_model_with_adapter
 from ft.models import ModelSource, create_model
 from ft.models.parallelize import check_parallel_layout, parallelize_model
 from ft.recipes.cli_support import recipe_command
@@ -44,8 +49,11 @@ __all__ = ["GENERATE_COMMAND", "GenerateConfig", "GeneratorConfig", "run_generat
 
 @dataclass(kw_only=True)
 class GenerateConfig:
-    model: str = "ft_tiny"
-    """A model card, a checkpoint path, or with checkpoint_dir: last_checkpoint / checkpoint_step_N."""
+    model: str | None = None
+    """A model card, a checkpoint path, or with checkpoint_dir: last_checkpoint / checkpoint_step_N
+    (a LoRA run's step runs its adapter on its base). Default: ft_tiny, or with lora_dir the adapter's base."""
+    lora_dir: str | None = None
+    """A LoRA adapter directory (PEFT format, e.g. a LoRA run's OUT/checkpoints/step_N) to run on `model`."""
     checkpoint_dir: str | None = None
     """OUT/checkpoints of a training run, for model=last_checkpoint|checkpoint_step_N."""
     tokenizer: str | None = None
@@ -70,7 +78,10 @@ def run_generate(config: GenerateConfig, output_dir: Path) -> int:
 
 def _generate(config: GenerateConfig, output_dir: Path, gangs: Gangs) -> int:
     device = gangs.device
-    source = resolve_model_source(config.model, checkpoint_dir=config.checkpoint_dir)
+    if config.lora_dir is not None:
+        source = adapter_source(config.lora_dir, base=config.model)
+    else:
+        source = resolve_model_source(config.model or "ft_tiny", checkpoint_dir=config.checkpoint_dir)
     if source.checkpoint is None:
         raise CheckpointError(
             f"{source.description} has no checkpoint to generate with; train it first "
@@ -98,25 +109,36 @@ def _generate(config: GenerateConfig, output_dir: Path, gangs: Gangs) -> int:
     my_rows = rows[begin:end]
     log.info("generating for %d of %d prompts (rows %d-%d) from %s", len(my_rows), len(rows), begin, end - 1, config.dataset)
 
+    # The tp ranks of a group hold the same generations; the group's first rank writes them.
+    partial = PartialOutputs(output_dir / "output", gangs.dp.rank, row_ids=[row.id for row in my_rows],
+                             fingerprint=config_hash(config)) if gangs.tp.rank == 0 else None
+    pending = gangs.tp.broadcast_object(partial.pending() if partial is not None else None)
+
+    def keep(batch: list[tuple[int, Generation]]) -> None:
+        if partial is not None:
+            for i, gen in batch:
+                partial.add(pending[i], output_record(my_rows[pending[i]], gen))
+            partial.sync()
+
     stats = GenerateStats()
     start = time.perf_counter()
-    with _GenerateProgress(total=len(my_rows), enabled=gangs.is_main) as progress:
-        generations = generate(
-            model, tokenizer, [row.prompt_tokens for row in my_rows], generator_config,
-            progress=progress.advance, stats=stats,
-        )
+    with _GenerateProgress(total=len(my_rows), done=len(my_rows) - len(pending), enabled=gangs.is_main) as progress:
+        generate(model, tokenizer, [my_rows[i].prompt_tokens for i in pending], generator_config,
+                 progress=progress.advance, stats=stats, on_batch=keep)
     elapsed = time.perf_counter() - start
     log.info(
         "generated %d tokens for %d prompts in %.1fs (%.0f tokens/s, decode step: %s)",
-        stats.num_generated_tokens, len(my_rows), elapsed, stats.num_generated_tokens / max(elapsed, 1e-9),
+        stats.num_generated_tokens, len(pending), elapsed, stats.num_generated_tokens / max(elapsed, 1e-9),
         stats.decode_path,
     )
 
-    # The tp ranks of a group hold the same generations; the group's first rank writes them.
-    summary = ScoreSummary()
-    if gangs.tp.rank == 0:
-        summary = write_outputs(output_dir / "output", gangs.dp.rank, my_rows, generations)
-    gathered = gangs.root.all_gather_object((gangs.tp.rank, summary, stats.num_generated_tokens))
+    summary, num_tokens_written = ScoreSummary(), 0
+    if partial is not None:
+        records = partial.finish()
+        summary = write_records(output_dir / "output", gangs.dp.rank, records)
+        partial.remove()
+        num_tokens_written = sum(len(record["token_ids"]) for record in records)  # this run's and an earlier one's
+    gathered = gangs.root.all_gather_object((gangs.tp.rank, summary, num_tokens_written))
     total, num_tokens = ScoreSummary(), 0
     for tp_rank, part, tokens in gathered:
         if tp_rank == 0:
@@ -132,6 +154,10 @@ def _load_model(source: ModelSource, gangs: Gangs, dtype: torch.dtype) -> torch.
     """Built on meta, tensor-parallelized, then each rank reads only its shard. No data
     parallelism is applied: dp ranks decode different prompts, independently."""
     tp_only = dataclasses.replace(gangs, dp=Gang(0, 1, None))
+    if source.adapter is not None:
+        model = create_model_with_adapter(source, device=gangs.device, dtype=dtype,
+                                          parallelize=lambda model: parallelize_model(model, tp_only))
+        return model.eval()
     model = create_model(
         source.config, device=gangs.device, dtype=dtype, checkpoint=source.checkpoint,  # checked in _generate
         parallelize=lambda model: parallelize_model(model, tp_only),
@@ -177,30 +203,42 @@ def shard_rows(num_rows: int, rank: int, size: int) -> tuple[int, int]:
     return begin, begin + per_rank + (1 if rank < extra else 0)
 
 
-def write_outputs(out_dir: Path, rank: int, rows: Sequence[PromptRow], generations: Sequence[Generation]) -> ScoreSummary:
-    """rank_K.jsonl and rank_K.txt, in dataset order; returns the scores of this rank's rows."""
+def output_record(row: PromptRow, gen: Generation) -> dict[str, Any]:
+    """One prompt's output object (without its scores, which `write_records` adds)."""
+    record: dict[str, Any] = {
+        "id": row.id,
+        "prompt": row.prompt_text,
+        "response": gen.text,
+        "prompt_token_ids": gen.prompt_tokens,
+        "token_ids": gen.tokens,
+        "logprobs": [round(lp, 6) for lp in gen.logprobs],
+        "score": gen.score,
+        "finish_reason": gen.finish_reason,
+    }
+    if row.reference is not None:
+        record["reference"] = row.reference
+    return record
+
+
+def write_records(out_dir: Path, rank: int, records: Sequence[dict[str, Any]]) -> ScoreSummary:
+    """rank_K.jsonl and rank_K.txt from the records in dataset order, each scored against its
+    reference; returns the scores of this rank's rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = ScoreSummary()
     with open(out_dir / f"rank_{rank}.jsonl", "w", encoding="utf-8") as jsonl, open(
         out_dir / f"rank_{rank}.txt", "w", encoding="utf-8"
     ) as txt:
-        for row, gen in zip(rows, generations, strict=True):
-            record: dict[str, Any] = {
-                "id": row.id,
-                "prompt": row.prompt_text,
-                "response": gen.text,
-                "prompt_token_ids": gen.prompt_tokens,
-                "token_ids": gen.tokens,
-                "logprobs": [round(lp, 6) for lp in gen.logprobs],
-                "score": gen.score,
-                "finish_reason": gen.finish_reason,
-            }
-            if row.reference is not None:
-                record["reference"] = row.reference
-                record.update(summary.add(gen.text, row.reference))
+        for record in records:
+            if record.get("reference") is not None:
+                record.update(summary.add(record["response"], record["reference"]))
             jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
             txt.write(_readable(record))
     return summary
+
+
+def write_outputs(out_dir: Path, rank: int, rows: Sequence[PromptRow], generations: Sequence[Generation]) -> ScoreSummary:
+    """rank_K.jsonl and rank_K.txt, in dataset order; returns the scores of this rank's rows."""
+    return write_records(out_dir, rank, [output_record(row, gen) for row, gen in zip(rows, generations, strict=True)])
 
 
 def _readable(record: dict[str, Any]) -> str:
@@ -230,19 +268,20 @@ def _metrics_line(metrics: dict[str, Any]) -> str:
 
 
 class _GenerateProgress:
-    """A rich progress bar over prompts, with generated tokens/s; a no-op off rank 0."""
+    """A rich progress bar over prompts, with generated tokens/s and the time left; a no-op off rank 0."""
 
-    def __init__(self, *, total: int, enabled: bool) -> None:
+    def __init__(self, *, total: int, done: int = 0, enabled: bool) -> None:
         self.progress = Progress(
             TextColumn("[bold]generate"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
+            TimeRemainingColumn(),
             console=Console(file=sys.stderr),
             disable=not enabled,
         )
-        self.task = self.progress.add_task("generate", total=total, rate="")
+        self.task = self.progress.add_task("generate", total=total, completed=done, rate="")
         self.tokens = 0
         self.start = time.perf_counter()
 
