@@ -2,6 +2,9 @@
 
 `parallelize_model(model, gangs, ...)` applies, in this order:
 
+0. FP8 training (`fp8=tensorwise|rowwise`, `ft.models.fp8`): chosen linears become
+   torchao float8 linears, so everything below (compile, FSDP's float8 all-gather)
+   sees them;
 1. the family's tensor-parallel plan (`ModelFamily.tp_plan`: data, module name
    pattern -> ParallelStyle) over the `tp` gang; attention reads its local head
    counts from tensor shapes, so no module attribute is edited;
@@ -95,7 +98,7 @@ def _selective_checkpoint_context():
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    names = ["mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"]
     save = {getattr(aten, n).default for n in names if hasattr(aten, n)}
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
@@ -105,12 +108,14 @@ def _selective_checkpoint_context():
     if c10d is not None:
         save |= {getattr(c10d, n).default for n in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor")
                  if hasattr(c10d, n)}
-    mm = aten.mm.default
+    # A float8 linear's matmul is `_scaled_mm`: it alternates with `mm` like a bf16 one,
+    # so fp8 training keeps the memory of bf16 (torchtitan saves every `_scaled_mm`).
+    mm = {aten.mm.default} | ({aten._scaled_mm.default} if hasattr(aten, "_scaled_mm") else set())
     # Forward and recompute count separately so both make the same choices.
     mm_counts: Counter = Counter()
 
     def policy(ctx, op, *args, **kwargs):
-        if op == mm:
+        if op in mm:
             mode = "recompute" if ctx.is_recompute else "forward"
             mm_counts[mode] += 1
             if mm_counts[mode] % 2 == 0:
@@ -131,6 +136,7 @@ def parallelize_model(
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = torch.float32,
     loss_parallel: bool = False,
+    fp8: str = "none",
 ) -> nn.Module:
     """Apply TP, activation checkpointing, compile and FSDP2/DDP to `model` in place
     (see the module doc) and return it. Build `model` on the meta device.
@@ -140,13 +146,19 @@ def parallelize_model(
     (None: the parameters' dtype) and reduces gradients in `reduce_dtype`. DDP
     ignores `param_dtype` (use autocast). `activation_checkpointing`: "full"
     recomputes each whole block in backward; "selective" recomputes only its
-    elementwise ops (see `_selective_checkpoint_context`).
+    elementwise ops (see `_selective_checkpoint_context`). `fp8`: "none", or torchao's
+    float8 recipe for the linear layers ("tensorwise", "rowwise"; see `ft.models.fp8`).
     """
     tp_size, dp_size = gangs.tp.size, gangs.dp.size
     check_parallel_layout(
         model.config, tensor_parallel_size=tp_size, data_parallelism=data_parallelism,
         activation_checkpointing=activation_checkpointing,
     )
+    fsdp = dp_size > 1 and data_parallelism == "fsdp"
+    if fp8 != "none":
+        from ft.models.fp8 import convert_to_fp8
+
+        convert_to_fp8(model, fp8, device=gangs.device, fsdp_float8_all_gather=fsdp)
     layers = list(model.model.layers)
 
     if tp_size > 1:
@@ -170,7 +182,7 @@ def parallelize_model(
         for layer in layers:
             layer.compile()
 
-    if dp_size > 1 and data_parallelism == "fsdp":
+    if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)

@@ -73,6 +73,9 @@ class InstructionFinetuneConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     torch_compile: Literal["auto"] | bool = "auto"
     """Compile each block with torch.compile; `auto`: on for CUDA, off on a CPU (logged either way)."""
+    fp8: Literal["none", "tensorwise", "rowwise"] = "none"
+    """Linear layers in float8 through torchao (CUDA, compute capability >= 8.9): `tensorwise` (fastest) or
+    `rowwise` scaling; the output projection stays in `dtype` (`ft.models.fp8`)."""
     loss_chunk_size: int = 1024
     """Tokens per chunk of the cross-entropy, so full-vocabulary fp32 logits never exist at once."""
     optimizer: str = "adamw"
