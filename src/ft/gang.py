@@ -7,10 +7,13 @@ processes), the data-parallel gang and the tensor-parallel gang, all cut from on
 
 - `fsdp_replicas == 1`: a 2-D mesh `("dp", "tp")`;
 - `fsdp_replicas > 1` (HSDP): a 3-D mesh `("dp_replicate", "dp_shard", "tp")`, with
-  `("dp_replicate", "dp_shard")` also flattened to `"dp"` for the data gang.
+  `("dp_replicate", "dp_shard")` also flattened to `"dp"` for the data gang;
+- `pipeline_parallel_size > 1`: the same with a `"pp"` dimension in front (`pp` gang:
+  the ranks of one pipeline, which read the same data).
 
 Ranks are laid out tp-innermost: the tp ranks of one group are consecutive (one
-node, NVLink), shards come next and replicas outermost (across nodes).
+node, NVLink), shards come next, then replicas, and pipeline stages outermost
+(point-to-point traffic only, the cheapest to send across nodes).
 
 One process (plain `python`, a single `srun` task, `torchrun --nproc-per-node 1`)
 gets no process group at all and `mesh=None`.
@@ -93,6 +96,11 @@ class Gangs:
     replicas: int = 1  # HSDP replica groups inside dp (fsdp_replicas)
     flat_dp_mesh: Any = None  # HSDP: ("dp_replicate", "dp_shard") flattened to 1-D "dp"
     owns_process_group: bool = False  # teardown destroys the default group only if we made it
+    pp: Any = None  # Gang of this rank's pipeline (size 1 without pipeline parallelism)
+
+    def __post_init__(self) -> None:
+        if self.pp is None:
+            self.pp = Gang(0, 1, None)
 
     @property
     def is_main(self) -> bool:
@@ -117,6 +125,10 @@ class Gangs:
     @property
     def tp_mesh(self) -> Any:
         return None if self.mesh is None else self.mesh["tp"]
+
+    @property
+    def pp_mesh(self) -> Any:
+        return None if self.mesh is None or self.pp.size == 1 else self.mesh["pp"]
 
     def __enter__(self) -> "Gangs":
         return self
@@ -243,8 +255,17 @@ def _missing(env: Mapping[str, str], key: str) -> str:
 # Setup / teardown
 
 
-def check_layout(world_size: int, *, tensor_parallel_size: int, replicas: int) -> int:
+def check_layout(world_size: int, *, tensor_parallel_size: int, replicas: int, pipeline_parallel_size: int = 1) -> int:
     """The data-parallel size of `world_size` processes; ConfigError if impossible."""
+    if pipeline_parallel_size < 1:
+        raise ConfigError(f"pipeline_parallel_size={pipeline_parallel_size} must be at least 1")
+    if world_size % pipeline_parallel_size:
+        raise ConfigError(
+            f"pipeline_parallel_size={pipeline_parallel_size} does not divide the {world_size} processes of this run; "
+            f"use a divisor of {world_size}"
+        )
+    if pipeline_parallel_size > 1:
+        world_size //= pipeline_parallel_size  # the processes of one pipeline stage
     if tensor_parallel_size < 1:
         raise ConfigError(f"tensor_parallel_size={tensor_parallel_size} must be at least 1")
     if replicas < 1:
@@ -289,6 +310,7 @@ def setup_gangs(
     device: str = "auto",
     tensor_parallel_size: int = 1,
     replicas: int = 1,
+    pipeline_parallel_size: int = 1,
     timeout: timedelta = timedelta(minutes=30),
     env: Mapping[str, str] | None = None,
 ) -> Gangs:
@@ -297,7 +319,8 @@ def setup_gangs(
     gloo on CPU) and cut the mesh into gangs. Layout errors come before any
     process group exists, on every rank alike."""
     launch = detect_launch(env)
-    dp_size = check_layout(launch.world_size, tensor_parallel_size=tensor_parallel_size, replicas=replicas)
+    dp_size = check_layout(launch.world_size, tensor_parallel_size=tensor_parallel_size, replicas=replicas,
+                           pipeline_parallel_size=pipeline_parallel_size)
     dev = resolve_device(device, launch.local_rank)
     if launch.world_size == 1:
         if dev.type == "cuda":
@@ -329,14 +352,17 @@ def setup_gangs(
             f"the launch environment says {launch.world_size}"
         )
 
+    pp = pipeline_parallel_size
+    pp_shape, pp_names = ((pp,), ("pp",)) if pp > 1 else ((), ())
     if replicas > 1:
         mesh = init_device_mesh(
-            dev.type, (replicas, dp_size // replicas, tensor_parallel_size),
-            mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
+            dev.type, (*pp_shape, replicas, dp_size // replicas, tensor_parallel_size),
+            mesh_dim_names=(*pp_names, "dp_replicate", "dp_shard", "tp"),
         )
         flat_dp = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     else:
-        mesh = init_device_mesh(dev.type, (dp_size, tensor_parallel_size), mesh_dim_names=("dp", "tp"))
+        mesh = init_device_mesh(dev.type, (*pp_shape, dp_size, tensor_parallel_size),
+                                mesh_dim_names=(*pp_names, "dp", "tp"))
         flat_dp = None
 
     def gang(sub) -> Gang:
@@ -348,6 +374,8 @@ def setup_gangs(
         owns_process_group=owns,
     )
     gangs.dp, gangs.tp = gang(gangs.dp_mesh_1d), gang(gangs.tp_mesh)
+    if pp > 1:
+        gangs.pp = gang(mesh["pp"])
     return gangs
 
 
