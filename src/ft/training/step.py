@@ -66,14 +66,16 @@ def accumulate_gradients(model: nn.Module, batches: Sequence, *, gangs: Gangs, a
 
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, *, max_grad_norm: float | None,
-                   skip_if: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+                   skip_if: Callable[[torch.Tensor], bool] | None = None,
+                   clip: Callable[[nn.Module, float | None], torch.Tensor] = clip_grad_norm) -> torch.Tensor:
     """Unscale, clip, step, schedule; returns the gradient norm before clipping (on device).
 
     `skip_if(grad_norm)` true: this step makes no update (gradients dropped, no
-    optimizer step); the schedule still advances.
+    optimizer step); the schedule still advances. `clip`: the norm-and-clip function
+    (a pipeline's reduces over its stages).
     """
     scaler.unscale_(optimizer)
-    grad_norm = clip_grad_norm(model, max_grad_norm)
+    grad_norm = clip(model, max_grad_norm)
     if skip_if is not None and skip_if(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         scaler.update()
