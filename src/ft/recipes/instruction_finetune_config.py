@@ -98,6 +98,16 @@ class InstructionFinetuneConfig:
     fsdp_reshard_after_forward: bool = True
     fsdp_replicas: int = 1
     """HSDP: replicate across this many groups and shard within each (1: plain FSDP)."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages: the decoder blocks split over this many ranks; gradient_accumulation micro-batches per
+    step go through the pipeline (at least pipeline_parallel_size of them)."""
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    """The pipeline schedule; interleaved_1f1b and zero_bubble run two stages per rank."""
+    sequence_parallel: bool = False
+    """With tensor_parallel_size > 1: norms and the residual stream sharded over the sequence between blocks."""
+    parallel_plan: Literal["manual", "auto"] = "manual"
+    """auto: choose data/tensor/pipeline parallel sizes, activation checkpointing and optimizer offload from the
+    model, the processes, GPU memory, max_num_tokens and max_seq_len (keys set away from their defaults are kept)."""
 
     # LoRA / QLoRA (off: full fine-tuning).
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -155,7 +165,8 @@ class InstructionFinetuneConfig:
     def check(self) -> None:
         """Settings that cannot work together, caught before any work starts."""
         positive = ["max_seq_len", "max_num_tokens", "max_num_steps", "gradient_accumulation", "checkpoint_every_n_steps",
-                    "publish_metrics_every_n_steps", "tensor_parallel_size", "fsdp_replicas", "loss_chunk_size"]
+                    "publish_metrics_every_n_steps", "tensor_parallel_size", "fsdp_replicas", "loss_chunk_size",
+                    "pipeline_parallel_size"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
@@ -168,9 +179,24 @@ class InstructionFinetuneConfig:
                 f"config key 'max_num_tokens' ({self.max_num_tokens}) must be at least max_seq_len "
                 f"({self.max_seq_len}): a batch holds whole rows"
             )
+        check_pipeline_settings(self)
         if self.data_parallelism == "ddp" and self.fsdp_replicas > 1:
             raise ConfigError(f"config key 'fsdp_replicas' ({self.fsdp_replicas}) needs data_parallelism=fsdp "
                               f"(HSDP shards within replicas); DDP replicates over all ranks: use fsdp_replicas=1")
+
+
+def check_pipeline_settings(config: InstructionFinetuneConfig) -> None:
+    """What pipeline stages and sequence parallelism do not combine with (yet)."""
+    if config.sequence_parallel and config.tensor_parallel_size == 1 and config.parallel_plan == "manual":
+        raise ConfigError("config key 'sequence_parallel' needs tensor_parallel_size > 1 (it shards TP's norms)")
+    if config.pipeline_parallel_size == 1:
+        return
+    for key, bad in (("lora.enabled", config.lora.enabled), ("optimizer_in_backward", config.optimizer_in_backward),
+                     ("activation_offloading", config.activation_offloading),
+                     ("data_parallelism=ddp", config.data_parallelism == "ddp")):
+        if bad:
+            raise ConfigError(f"config key '{key.split('=')[0]}' cannot be combined with pipeline_parallel_size="
+                              f"{config.pipeline_parallel_size}; use pipeline_parallel_size=1")
 
 
 def _check_optimizer_values(config: InstructionFinetuneConfig) -> None:
