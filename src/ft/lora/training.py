@@ -59,10 +59,34 @@ def with_lora(parallelize: Callable[[nn.Module], nn.Module], config: LoraConfig,
     return apply_then_parallelize
 
 
-def start_lora(model: nn.Module, config: LoraConfig, *, seed: int, resuming: bool, dtype: torch.dtype) -> None:
-    """After the base is loaded: adapters' start values (unless resuming), then NF4 for QLoRA."""
+def adapter_to_start_from(config: LoraConfig | None, source: Any) -> dict[str, torch.Tensor] | None:
+    """The adapter tensors a run starts from when `model` names a LoRA adapter (a LoRA run's
+    step, with its base), else None. Full fine-tuning from an adapter is a ConfigError
+    saying what to pass instead."""
+    if source.adapter is None:
+        return None
+    if config is None:
+        raise ConfigError(
+            f"model {source.adapter} is a LoRA adapter, not a full model: continue training it with "
+            "lora.enabled=true (and its lora.rank / lora.alpha / lora.target_modules), or fine-tune all weights "
+            f"from its merged model ({source.adapter / MERGED_SUBDIR}, written with lora.export_merged=true)"
+        )
+    from ft.lora.adapter_model import check_adapter_matches
+
+    return check_adapter_matches(config, source.adapter)
+
+
+def start_lora(model: nn.Module, config: LoraConfig, *, seed: int, resuming: bool, dtype: torch.dtype,
+               adapter: dict[str, torch.Tensor] | None = None, adapter_source: Path | None = None) -> None:
+    """After the base is loaded: adapters' start values (unless resuming: fresh, or those of
+    `adapter`), then NF4 for QLoRA."""
     if not resuming:
         init_lora_weights(model, seed)
+        if adapter is not None:
+            from ft.lora.adapter_model import load_adapter_weights
+
+            load_adapter_weights(model, adapter, source=adapter_source)
+            log.info("adapters start from %s", adapter_source)
     if config.base_quantization == "nf4":
         from ft.lora.quant import quantize_frozen_linears
 

@@ -110,6 +110,7 @@ class ModelSource:
     config: Any
     checkpoint: Path | None  # None: the card names an arch but no weights
     card_name: str | None = None
+    adapter: Path | None = None  # a LoRA adapter directory to run on the base (`ft.lora.adapter_model`)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> ModelSource:

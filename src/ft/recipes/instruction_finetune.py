@@ -21,7 +21,9 @@ import torch
 from ft.config import config_to_dict
 from ft.errors import EXIT_OK, EXIT_STOPPED, ConfigError
 from ft.gang import Gangs, setup_gangs
-from ft.lora.training import check_lora_run, export_lora, lora_fingerprint, start_lora, with_lora
+from ft.lora.training import (
+    adapter_to_start_from, check_lora_run, export_lora, lora_fingerprint, start_lora, with_lora,
+)
 from ft.models import create_model, model_flops_per_token
 from ft.models.fp8 import check_fp8_support
 from ft.models.parallelize import check_parallel_layout, parallelize_model
@@ -77,6 +79,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     lora = config.lora if config.lora.enabled else None
     if lora is not None:
         check_lora_run(lora, source=source, device=device, dp_size=gangs.dp.size, tp_size=gangs.tp.size)
+    start_adapter = adapter_to_start_from(lora, source)  # model= names a LoRA run's step
     check_fp8_support(config.fp8, device, lora=lora is not None)
     reader, valid_examples = read_sft_data(config, tokenizer, gangs)
 
@@ -114,7 +117,8 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         initialize=resume_step is None,
     )
     if lora is not None:
-        start_lora(model, lora, seed=config.seed, resuming=resume_step is not None, dtype=dtype)
+        start_lora(model, lora, seed=config.seed, resuming=resume_step is not None, dtype=dtype,
+                   adapter=start_adapter, adapter_source=source.adapter)
     optimizer = build_optimizer(model, optimizer_settings(config), dp_size=gangs.dp.size)
     scheduler = build_scheduler(
         optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup_steps, max_num_steps=config.max_num_steps,

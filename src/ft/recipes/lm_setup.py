@@ -25,9 +25,16 @@ log = logging.getLogger("ft")
 
 def resolve_model_source(model: str, *, checkpoint_dir: str | None = None) -> ModelSource:
     """The model a config names: a card, a checkpoint path, or a step of `checkpoint_dir`."""
+    from ft.assets.resolve import is_explicit_path
+    from ft.lora.adapter_model import adapter_source, is_adapter_dir
+
     if checkpoint_dir is not None:
         step_dir = resolve_model_checkpoint(Path(checkpoint_dir).expanduser(), model)
+        if is_adapter_dir(step_dir):  # a LoRA run's step: its adapter on the base it records
+            return adapter_source(step_dir)
         return ModelSource(f"{step_dir}", read_checkpoint_config(step_dir), step_dir)
+    if is_explicit_path(model) and is_adapter_dir(model):
+        return adapter_source(model)
     if model in ("last_checkpoint",) or model.startswith("checkpoint_step_"):
         raise ConfigError(
             f"config key 'model': {model!r} names a checkpoint of an earlier run; "
