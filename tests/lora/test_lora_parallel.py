@@ -1,6 +1,6 @@
-"""LoRA under FSDP2 and tensor parallelism on 2 gloo processes (torchrun), float32:
-dp=2 trains like one process with gradient_accumulation=2, tp=2 like one process,
-compared by loss curve and the saved adapters."""
+"""LoRA under FSDP2, HSDP, DDP and tensor parallelism on 2 gloo processes (torchrun),
+float32: dp=2 trains like one process with gradient_accumulation=2, tp=2 like one
+process, compared by loss curve and the saved adapters."""
 
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("layout, reference, atol", [
     (["data_parallelism=fsdp"], ["gradient_accumulation=2"], 1e-5),
+    (["data_parallelism=ddp"], ["gradient_accumulation=2"], 1e-5),
+    # HSDP with 2 replicas of 1 shard: the replicate dim alone carries the gradient reduction.
+    (["fsdp_replicas=2"], ["gradient_accumulation=2"], 1e-5),
     (["tensor_parallel_size=2"], [], 1e-4),
 ])
 def test_lora_on_two_processes_trains_like_one(tmp_path, user_assets, layout, reference, atol):
