@@ -113,15 +113,15 @@ def dry_run_instruction_finetune(config: Any) -> int:
     if budget is None:
         lines.append("fits: unknown (no GPU visible; set max_memory_gib to check against a budget)")
     elif estimate.peak_with_slack <= budget:
-        lines.append(f"fits: yes, in {budget / GIB:.1f} GiB")
+        lines.append(f"fits: yes, {estimate.peak_with_slack / GIB:.2f} GiB of {budget / GIB:.2f} GiB")
     else:
-        lines.append(f"fits: no, {estimate.peak_with_slack / GIB:.1f} GiB needed, {budget / GIB:.1f} GiB available")
+        lines.append(f"fits: no, {estimate.peak_with_slack / GIB:.2f} GiB needed, {budget / GIB:.2f} GiB available")
         fix = cheapest_fix(plan, budget, shapes)
         if fix is None:
             lines.append("  no single setting change found that fits; use more GPUs (FSDP shards weights, gradients "
                          "and states) or LoRA")
         else:
             label, fixed = fix
-            lines.append(f"  cheapest change that fits: {label} -> {fixed.peak_with_slack / GIB:.1f} GiB")
+            lines.append(f"  cheapest change that fits: {label} -> {fixed.peak_with_slack / GIB:.2f} GiB")
     print("\n".join(lines))
     return 0
