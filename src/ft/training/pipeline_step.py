@@ -134,7 +134,9 @@ class PipelineRunner:
         self._losses = []
         with autocast:
             self._schedule.step(tokens, target=labels, **kwargs)
-        step_loss = torch.stack(self._losses).sum() if self._losses else torch.zeros((), device=device)
+        # The first step's metadata inference may call the loss on example outputs too: the real ones come last.
+        real = self._losses[-self.micro_batches:]
+        step_loss = torch.stack(real).sum() if real else torch.zeros((), device=device)
         self._sync_tied_gradient()
         dist.broadcast(step_loss, group=gangs.pp.group, group_src=self.last_rank)
         stats.loss_sum += step_loss
