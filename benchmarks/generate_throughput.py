@@ -13,11 +13,19 @@ untimed warm-up call (compilation, CUDA graph capture), best of `--repeats`.
 ft runs in each of `--ft-modes`: "eager", "cuda_graph" (decode step replayed from
 a CUDA graph) and "compile" (torch.compile'd decode step inside the CUDA graph);
 the JSON says which path actually ran (a failed compile or capture falls back).
+
+Memory-bandwidth use of ft's decode step: a prefill-only call (one new token) is
+timed too, and `decode_step_s` = (whole call - prefill call) / (new tokens - 1).
+A step must read every weight once (the embedding table only as the tied output
+projection) plus the keys and values attention spans (the filled slots rounded up
+to the cache's window bucket); `hbm_fraction` = those bytes / step time / `--hbm-tb-s`
+(4.8 TB/s: H200). Launch overhead, sampling and the host loop count as step time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -28,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from ft.generation import GenerateStats, Generator, GeneratorConfig
+from ft.generation import GenerateStats, Generator, GeneratorConfig, StaticKVCache
 from ft.models import build_model
 from ft.models import family_of
 
@@ -56,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: cuda_graph and compile on CUDA, eager elsewhere")
     parser.add_argument("--hf-caches", nargs="*", default=["dynamic", "static"], choices=["dynamic", "static"],
                         help="transformers cache implementations to compare against (none: skip transformers)")
+    parser.add_argument("--hbm-tb-s", type=float, default=4.8, help="memory bandwidth for hbm_fraction (H200: 4.8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     return parser.parse_args(argv)
@@ -101,8 +110,39 @@ def bench_ft(model, prompts_BT: torch.Tensor, mode: str, args, device) -> dict[s
         "tokens_per_s": num_tokens / seconds, "first_tokens": [o.tokens[:8] for o in outputs[:2]],
     }
     del generator, outputs
+    if args.new_tokens > 1:
+        prefill = Generator(model, _NoTextTokenizer(), dataclasses.replace(config, max_gen_len=1), stop_ids=())
+        prefill_s, _ = _time_best(lambda: prefill(prompts), repeats=args.repeats, device=device)
+        del prefill
+        result.update(decode_bandwidth(model, B, args, seconds=seconds, prefill_s=prefill_s))
     _free(device)
     return result
+
+
+def decode_bytes_per_step(model, batch_size: int, prompt_len: int, new_tokens: int) -> tuple[int, float]:
+    """(weight bytes, mean KV bytes) one decode step reads, with the generator's cache
+    layout: its max_len (a multiple of 16) and its window buckets."""
+    params = {id(p): p for p in model.parameters()}  # a tied weight once
+    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    embed = model.model.embed_tokens.weight
+    if not model.config.tie_embeddings:  # the embedding table is only indexed, B rows
+        weight_bytes -= embed.numel() * embed.element_size()
+    max_len = -(-(prompt_len + new_tokens) // 16) * 16
+    cache = StaticKVCache(model, batch_size=1, max_len=max_len)
+    windows = [cache.window_for(prompt_len + t + 1) for t in range(new_tokens - 1)]  # decode steps 1..N-1
+    config = model.config
+    kv_per_slot = 2 * config.n_layers * batch_size * config.n_kv_heads * config.head_dim * embed.element_size()
+    return weight_bytes, kv_per_slot * sum(windows) / max(len(windows), 1)
+
+
+def decode_bandwidth(model, batch_size: int, args, *, seconds: float, prefill_s: float) -> dict[str, Any]:
+    weight_bytes, kv_bytes = decode_bytes_per_step(model, batch_size, args.prompt_len, args.new_tokens)
+    step_s = max(seconds - prefill_s, 1e-12) / (args.new_tokens - 1)
+    return {
+        "prefill_s": prefill_s, "decode_step_s": step_s, "weight_bytes_per_step": weight_bytes,
+        "kv_bytes_per_step": kv_bytes,
+        "hbm_fraction": (weight_bytes + kv_bytes) / step_s / (args.hbm_tb_s * 1e12),
+    }
 
 
 def build_hf_model(model, dtype: torch.dtype, device: torch.device):
@@ -189,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         if "transformers/dynamic_cache" in firsts:
             reference = firsts["transformers/dynamic_cache"]
             row["first_tokens_agree"] = {k: v == reference for k, v in firsts.items() if k.startswith("ft/")}
+        fractions = {f"ft/{r['mode']}": round(r["hbm_fraction"], 3) for r in results
+                     if r["batch_size"] == B and "hbm_fraction" in r}
+        if fractions:
+            row["ft hbm_fraction per decode step"] = fractions
         summary[f"batch_{B}"] = row
 
     report = {
@@ -199,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "hbm_tb_s": args.hbm_tb_s,
         "versions": {"torch": torch.__version__, "transformers": _transformers_version(), "python": platform.python_version()},
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "summary_tokens_per_s": summary,

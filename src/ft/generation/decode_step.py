@@ -6,6 +6,11 @@ Llama issues hundreds per token); replaying a captured CUDA graph removes that
 overhead, and `torch.compile` additionally fuses the elementwise work. Both need
 the fixed shapes the static cache provides. Whatever fails (capture, compile)
 falls back to the next simpler path with a warning; `path` says which one runs.
+
+Each step attends over the cache's filled slots rounded up to a bucket
+(`StaticKVCache.window_for`), not the whole cache: one CUDA graph is captured per
+bucket (at most `ft.generation.cache.MAX_BUCKETS`), and the compiled step treats the
+window length as a dynamic size, so it compiles once for all of them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ def compiled_decode_forward():
     return _compiled_decode_forward
 
 
+def _dynamic_window(cache: StaticKVCache) -> StaticKVCache:
+    """Mark the window's length dynamic, so every bucket runs the same compiled code."""
+    # maybe_: should a model specialize it anyway, each bucket compiles once instead of failing.
+    torch._dynamo.maybe_mark_dynamic(cache.window_S, 0)
+    return cache
+
+
 class DecodeStep:
     """`logits_BV = step(tokens_B1, positions_B1)`: the model's logits for the next token
     after feeding one token per row; the cache's slot advances by one.
@@ -57,25 +69,35 @@ class DecodeStep:
         self.path = "eager"
         if compile:
             compiled = compiled_decode_forward()
-            self.forward = lambda tokens_B1, positions_B1: compiled(self.model, self.cache, tokens_B1, positions_B1)
+            self.forward = lambda tokens_B1, positions_B1: compiled(
+                self.model, _dynamic_window(self.cache), tokens_B1, positions_B1)
             self.path = "compile"
-        self.graph: torch.cuda.CUDAGraph | None = None
+        # Per window length: its captured graph and the static logits buffer it writes.
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._tokens_B1: Tensor | None = None
         self._positions_B1: Tensor | None = None
-        self._logits_BV: Tensor | None = None
 
     def _eager_forward(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
         return decode_forward(self.model, self.cache, tokens_B1, positions_B1)
 
     def __call__(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
-        if self.want_graph and self.graph is None:
-            self._capture(tokens_B1, positions_B1)
-        if self.graph is not None:
-            assert self._tokens_B1 is not None and self._positions_B1 is not None and self._logits_BV is not None
+        window = self.cache.window_for(self.cache.next_slot + 1)
+        self.cache.set_window(window)
+        try:
+            return self._step(window, tokens_B1, positions_B1)
+        finally:
+            self.cache.next_slot += 1
+
+    def _step(self, window: int, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
+        if self.want_graph and window not in self.graphs:
+            self._capture(window, tokens_B1, positions_B1)
+        if window in self.graphs:
+            assert self._tokens_B1 is not None and self._positions_B1 is not None
+            graph, logits_BV = self.graphs[window]
             self._tokens_B1.copy_(tokens_B1)
             self._positions_B1.copy_(positions_B1)
-            self.graph.replay()
-            return self._logits_BV
+            graph.replay()
+            return logits_BV
         return self._run_with_fallback(tokens_B1, positions_B1)
 
     def _run_with_fallback(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
@@ -90,14 +112,17 @@ class DecodeStep:
             self.forward, self.path = self._eager_forward, "eager"
             return self.forward(tokens_B1, positions_B1)
 
-    def _capture(self, tokens_B1: Tensor, positions_B1: Tensor) -> None:
-        """Warm up on a side stream, then capture one step into a CUDA graph.
+    def _capture(self, window: int, tokens_B1: Tensor, positions_B1: Tensor) -> None:
+        """Warm up on a side stream, then capture one step over a `window`-slot window
+        into a CUDA graph.
 
         Warm-up steps write keys at the current slot, which the real step overwrites
         next, and the slot is put back after each, so the cache is left as it was.
         """
-        self.want_graph = False  # one attempt only
-        self._tokens_B1, self._positions_B1 = tokens_B1.clone(), positions_B1.clone()
+        if self._tokens_B1 is None or self._positions_B1 is None:
+            self._tokens_B1, self._positions_B1 = tokens_B1.clone(), positions_B1.clone()
+        self._tokens_B1.copy_(tokens_B1)
+        self._positions_B1.copy_(positions_B1)
         slot = self.cache.slot.clone()
         try:
             stream = torch.cuda.Stream()
@@ -109,11 +134,12 @@ class DecodeStep:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._logits_BV = self.forward(self._tokens_B1, self._positions_B1)
-            self.graph = graph
-            self.path = f"{self.path}+cuda_graph"
+                logits_BV = self.forward(self._tokens_B1, self._positions_B1)
+            self.graphs[window] = (graph, logits_BV)
+            if not self.path.endswith("+cuda_graph"):
+                self.path = f"{self.path}+cuda_graph"
         except Exception as error:
             log.warning("capturing the decode step as a CUDA graph failed, running it without: %s", error)
-            self.graph = None
+            self.want_graph = False  # no more attempts
         finally:
             self.cache.slot.copy_(slot)
