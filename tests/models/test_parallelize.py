@@ -45,6 +45,7 @@ class Case:
     activation_checkpointing: str = "none"
     safetensors: str | None = None  # load from this file instead of a state dict
     vocab_size: int = CONFIG.vocab_size
+    sequence_parallel: bool = False
 
 
 def _batch(vocab_size: int):
@@ -86,7 +87,7 @@ def _train_and_compare(rank: int, case: Case) -> None:
             model = Llama(config)
         parallelize_model(
             model, gangs, data_parallelism=case.data_parallelism, activation_checkpointing=case.activation_checkpointing,
-            loss_parallel=case.loss == "loss_parallel",
+            loss_parallel=case.loss == "loss_parallel", sequence_parallel=case.sequence_parallel,
         )
         model.to_empty(device="cpu")
         model.reset_buffers()
@@ -161,6 +162,11 @@ def test_tp2_logits():
 
 def test_tp2_tied_loss_parallel():
     run_distributed(_train_and_compare, 2, Case(tp=2, tied=True, loss="loss_parallel"))
+
+
+def test_tp2_sequence_parallel_tied():
+    # Norms on sequence shards, attention/MLP inputs all-gathered: same losses and gradients.
+    run_distributed(_train_and_compare, 2, Case(tp=2, tied=True, sequence_parallel=True))
 
 
 def test_fsdp2_x_tp2_tied_from_safetensors(tmp_path):

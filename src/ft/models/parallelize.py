@@ -137,6 +137,7 @@ def parallelize_model(
     reduce_dtype: torch.dtype | None = torch.float32,
     loss_parallel: bool = False,
     fp8: str = "none",
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """Apply TP, activation checkpointing, compile and FSDP2/DDP to `model` in place
     (see the module doc) and return it. Build `model` on the meta device.
@@ -164,7 +165,17 @@ def parallelize_model(
     if tp_size > 1:
         from torch.distributed.tensor.parallel import parallelize_module
 
-        parallelize_module(model, gangs.tp_mesh, _module_styles(model, family_of(model).tp_plan(loss_parallel)))
+        plan = family_of(model).tp_plan(loss_parallel)
+        if sequence_parallel:
+            plan = sequence_parallel_plan(plan)
+        parallelize_module(model, gangs.tp_mesh, _module_styles(model, plan))
+        if sequence_parallel and hasattr(model.model, "norm"):
+            # The trainer's loss reads the final norm's output whole (chunked through lm_head).
+            from torch.distributed.tensor import Replicate, Shard
+            from torch.distributed.tensor.parallel import PrepareModuleOutput
+
+            parallelize_module(model.model.norm, gangs.tp_mesh, PrepareModuleOutput(
+                output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
         # parallelize_module distributes lm_head's and embed_tokens' weight separately;
         # both are Shard(0) of the same [vocab, dim] matrix, so tying them again is exact.
         model.tie_weights()
@@ -200,6 +211,32 @@ def parallelize_model(
 
         replicate(model, device_mesh=gangs.dp_mesh_1d, bucket_cap_mb=100)
     return model
+
+
+def sequence_parallel_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """`plan` (a family's TP plan) with sequence parallelism (Megatron-style, as
+    torchtitan): between blocks the residual stream is sharded over the sequence
+    (`Shard(1)`); the norms run on their shard (`SequenceParallel`, weights
+    replicated, gradients reduced); attention and MLP all-gather their input
+    (`PrepareModuleInput`) and their row-wise output projections reduce-scatter.
+    The ft families have no dropout, so norms are the only sequence-wise modules."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParallel, SequenceParallel
+
+    out = dict(plan)
+    out["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    out["model.layers.*.self_attn.o_proj"] = RowwiseParallel(output_layouts=Shard(1))
+    out["model.layers.*.mlp.down_proj"] = RowwiseParallel(output_layouts=Shard(1))
+    out["model.layers.*.input_layernorm"] = SequenceParallel()
+    out["model.layers.*.post_attention_layernorm"] = SequenceParallel()
+    out["model.norm"] = SequenceParallel()
+    # self_attn(x, cos, sin, mask, kv_cache): only x is sharded.
+    out["model.layers.*.self_attn"] = PrepareModuleInput(
+        input_layouts=(Shard(1), None, None, None, None), desired_input_layouts=(Replicate(), None, None, None, None),
+        use_local_output=True)
+    out["model.layers.*.mlp"] = PrepareModuleInput(
+        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+    return out
 
 
 def _module_styles(model: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
@@ -261,4 +298,4 @@ def iter_full_state_dict(
         del full
 
 
-__all__ = ["check_parallel_layout", "iter_full_state_dict", "parallelize_model"]
+__all__ = ["check_parallel_layout", "iter_full_state_dict", "parallelize_model", "sequence_parallel_plan"]

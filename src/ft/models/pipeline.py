@@ -231,10 +231,26 @@ def pipeline_stages(full: nn.Module, *, pp_rank: int, pp_size: int, schedule: st
     return PipelineRankModel(full, stages, pp_rank=pp_rank, pp_size=pp_size)
 
 
+def with_pipeline(parallelize: Any, *, pp_rank: int, pp_size: int, schedule: str) -> Any:
+    """`parallelize` (full meta model -> parallelized model) for a pipeline rank: the
+    model is cut into this rank's `PipelineRankModel` and each stage is parallelized
+    on its own (each stage is an FSDP root). Unchanged for pp_size=1."""
+    if pp_size == 1:
+        return parallelize
+
+    def parallelize_stages(full: nn.Module) -> PipelineRankModel:
+        rank_model = pipeline_stages(full, pp_rank=pp_rank, pp_size=pp_size, schedule=schedule)
+        for view in rank_model.stages:
+            parallelize(view)
+        return rank_model
+
+    return parallelize_stages
+
+
 def stage_rank(stage_index: int, pp_size: int) -> int:
     """The pp rank that runs `stage_index` (loop order)."""
     return stage_index % pp_size
 
 
 __all__ = ["PipelineRankModel", "SCHEDULES", "StageView", "check_pipeline_layout", "pipeline_stages",
-           "schedule_class", "split_layers", "stage_rank"]
+           "schedule_class", "split_layers", "stage_rank", "with_pipeline"]

@@ -27,6 +27,7 @@ from ft.lora.training import (
 from ft.models import create_model, model_flops_per_token
 from ft.models.fp8 import check_fp8_support
 from ft.models.parallelize import check_parallel_layout, parallelize_model
+from ft.models.pipeline import check_pipeline_layout, with_pipeline
 from ft.recipes.cli_support import recipe_command
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig, optimizer_settings
 from ft.recipes.sft_plan import dry_run_instruction_finetune, predicted_peak_gib
@@ -43,6 +44,8 @@ from ft.training.activation_offloading import offloading_loss_fn
 from ft.training.optim import build_scheduler
 from ft.training.optimizers import build_optimizer, step_in_backward
 from ft.training.progress import TrainingProgress
+from ft.training.optim import clip_grad_norm
+from ft.training.pipeline_step import PipelineRunner, export_pipeline_hf_model
 from ft.training.step import accumulate_gradients, next_token_loss, optimizer_step, validate
 from ft.training.step_stats import StepStats, publish_stats
 from ft.training.stop_signal import StopSignal
@@ -57,7 +60,8 @@ WARMUP_STEPS = 2
 def run_instruction_finetune(config: InstructionFinetuneConfig, output_dir: Path) -> int:
     config.check()
     gangs = setup_gangs(
-        device=config.device, tensor_parallel_size=config.tensor_parallel_size, replicas=config.fsdp_replicas
+        device=config.device, tensor_parallel_size=config.tensor_parallel_size, replicas=config.fsdp_replicas,
+        pipeline_parallel_size=config.pipeline_parallel_size,
     )
     with gangs:  # tears the process group down, waiting for all ranks on success
         setup_run_logging(output_dir, gangs.root.rank)
@@ -72,6 +76,8 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     check_parallel_layout(source.config, tensor_parallel_size=config.tensor_parallel_size,
                           data_parallelism=config.data_parallelism,
                           activation_checkpointing=config.activation_checkpointing)
+    check_pipeline_layout(source.config, pipeline_parallel_size=config.pipeline_parallel_size,
+                          schedule=config.pipeline_schedule, micro_batches=config.gradient_accumulation)
     if tokenizer.vocab_size > source.config.vocab_size:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} tokens but model {source.description} only {source.config.vocab_size}"
@@ -106,8 +112,11 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             model, gangs, data_parallelism=config.data_parallelism,
             activation_checkpointing=config.activation_checkpointing, compile=compile_blocks,
             reshard_after_forward=config.fsdp_reshard_after_forward, param_dtype=dtype if mixed else None,
-            reduce_dtype=torch.float32, fp8=config.fp8,
+            reduce_dtype=torch.float32, fp8=config.fp8, sequence_parallel=config.sequence_parallel,
         )
+
+    parallelize = with_pipeline(parallelize, pp_rank=gangs.pp.rank, pp_size=gangs.pp.size,
+                                schedule=config.pipeline_schedule)
 
     model = create_model(
         source.config, device=device, dtype=torch.float32 if mixed else dtype,
@@ -146,6 +155,10 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         export = functools.partial(export_hf_model, model, is_main=gangs.is_main,
                                    dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer,
                                    defer=checkpoints.in_background)
+        if runner is not None:  # each stage's tensors gathered to rank 0
+            export = functools.partial(export_pipeline_hf_model, model, gangs=gangs,
+                                       dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer,
+                                       defer=checkpoints.in_background)
         if lora is not None:
             export = functools.partial(export_lora, model, is_main=gangs.is_main, dtype=DTYPES[config.save_model_dtype],
                                        config=lora, source=source, tokenizer=tokenizer)
@@ -164,6 +177,9 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     autocast = torch.autocast(device.type, dtype=dtype) if mixed and not fsdp else contextlib.nullcontext()
     loss_fn = offloading_loss_fn(next_token_loss(config.loss_chunk_size), enabled=config.activation_offloading,
                                  device=device)
+    # Pipeline stages: the schedule runs the step's micro-batches, the grad norm spans every stage.
+    runner = PipelineRunner(model, gangs, schedule=config.pipeline_schedule, micro_batches=config.gradient_accumulation,
+                            loss_chunk_size=config.loss_chunk_size, scaler=state.scaler) if gangs.pp.size > 1 else None
     # The memory model's figure beside the measured peak in the first metrics line, so its error shows.
     predicted = {"predicted_peak_memory_gib": predicted_peak_gib(config, source.config, dp_size=gangs.dp.size,
                                                                  tp_size=gangs.tp.size)}
@@ -179,15 +195,19 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
                 log.info("data exhausted after %d epochs", config.max_num_data_epochs)
                 break
             nonfinite.begin_step(stats)
-            step_loss = accumulate_gradients(model, batches, gangs=gangs, autocast=autocast, scaler=state.scaler,
-                                             loss_fn=loss_fn, stats=stats)
+            if runner is not None:
+                step_loss = runner.step(batches, autocast=autocast, stats=stats)
+            else:
+                step_loss = accumulate_gradients(model, batches, gangs=gangs, autocast=autocast, scaler=state.scaler,
+                                                 loss_fn=loss_fn, stats=stats)
             lr = optimizer.param_groups[0]["lr"]
             if config.optimizer_in_backward:  # parameters were stepped as their gradients arrived
                 grad_norm = step_in_backward(optimizer, scheduler)
             else:
                 grad_norm = optimizer_step(model, optimizer, scheduler, state.scaler,
                                            max_grad_norm=config.max_grad_norm,
-                                           skip_if=nonfinite.skip_if(step_loss, state.step + 1))
+                                           skip_if=nonfinite.skip_if(step_loss, state.step + 1),
+                                           clip=runner.clip_grad_norm if runner is not None else clip_grad_norm)
             nonfinite.end_step(stats, step_loss, grad_norm)
             state.step += 1
             step = state.step
@@ -204,8 +224,9 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
                 stats = StepStats.zero(device)
                 check_finite()
             if valid_examples is not None and step % config.validate_every_n_steps == 0:
-                values = validate(model, sft_validation_batches(config, valid_examples, gangs, pad_id(tokenizer)),
-                                  gangs=gangs, autocast=autocast, loss_fn=loss_fn)
+                valid_batches = sft_validation_batches(config, valid_examples, gangs, pad_id(tokenizer))
+                values = runner.validate(valid_batches, autocast=autocast) if runner is not None else \
+                    validate(model, valid_batches, gangs=gangs, autocast=autocast, loss_fn=loss_fn)
                 if recorders is not None:
                     recorders.record("valid", step, values)
                     progress.log(f"valid step {step} " + format_metrics(values))
