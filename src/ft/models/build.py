@@ -23,6 +23,7 @@ from ft.assets.resolve import is_explicit_path
 from ft.errors import AssetError, CheckpointError, ConfigError
 from ft.models.checkpoint import checkpoint_dtype, load_checkpoint, read_checkpoint_config
 from ft.models.family import build_meta_model, find_arch, get_family
+from ft.models.init_rng import full_tensor_random_init
 
 log = logging.getLogger("ft")
 
@@ -70,7 +71,8 @@ def create_model(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     elif initialize:
-        model.init_weights(seed)
+        with full_tensor_random_init():  # the same weights on any layout and device
+            model.init_weights(seed)
     return model
 
 
