@@ -19,7 +19,10 @@ with gradient checkpointing where the ft variant checkpoints.
 
 Precisions: `bf16` = parameters, gradients and AdamW states in bf16 (the
 baseline table's precision); `mixed` = fp32 master weights computing in bf16 under autocast
-(ft's default, `mixed_precision=True`).
+(ft's default, `mixed_precision=True`). `ft_fp8_*` variants are `bf16` with the linear
+layers computing in float8 (`fp8=tensorwise|rowwise`, torchao; skipped with the reason
+where there is no float8 GPU or no torchao), compared with ft's bf16 variant of the same
+settings and with the HF baseline.
 
 GSM8K tokenizer (workload c): the Llama 3 tokenizer cannot be downloaded here, so the
 script trains a byte-level BPE at start-up (HF `tokenizers`, Llama 3's pre-tokenizer
@@ -69,6 +72,7 @@ class Variant:
     ac: str = "none"  # "none" | "selective" | "full" (HF: any value but "none" = gradient checkpointing)
     rows: str = "full"  # ft: "full" (causal SDPA) | "packed" (doc-masked, flex) | "unpacked" (ft padded); hf: "full" | "padded"
     hf_batch: int = 0  # examples per HF padded batch (workload c)
+    fp8: str = "none"  # ft: torchao float8 linears, "tensorwise" | "rowwise" (ft.models.fp8)
 
 
 def _v(name: str, **kw: Any) -> Variant:
@@ -91,6 +95,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             # What the recipe does with full rows today: document ids -> the FlexAttention path.
             _v("ft_bf16_compile_packedpath", impl="ft", precision="bf16", compile=True, rows="packed"),
             _v("ft_bf16_compile_ac-selective", impl="ft", precision="bf16", compile=True, ac="selective"),
+            # bf16 parameters, gradients and AdamW states; the linears compute in float8.
+            _v("ft_fp8_tensorwise_compile", impl="ft", precision="bf16", compile=True, fp8="tensorwise"),
+            _v("ft_fp8_rowwise_compile", impl="ft", precision="bf16", compile=True, fp8="rowwise"),
         ],
     },
     "b": {
@@ -106,6 +113,10 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             _v("hf_bf16_compile_gc", impl="hf", precision="bf16", compile=True, ac="full"),
             _v("ft_bf16_compile", impl="ft", precision="bf16", compile=True),
             _v("ft_bf16_eager_ac-selective", impl="ft", precision="bf16", compile=False, ac="selective"),
+            _v("ft_fp8_tensorwise_compile_ac-selective", impl="ft", precision="bf16", compile=True, ac="selective",
+               fp8="tensorwise"),
+            _v("ft_fp8_rowwise_compile_ac-selective", impl="ft", precision="bf16", compile=True, ac="selective",
+               fp8="rowwise"),
         ],
     },
     "c": {
@@ -239,7 +250,7 @@ def build_ft(config: Any, variant: Variant, gangs: Any, *, seed: int) -> torch.n
     model = create_model(
         config, device=gangs.device, dtype=param_dtype, seed=seed,
         parallelize=lambda model: parallelize_model(model, gangs, activation_checkpointing=variant.ac,
-                                                    compile=variant.compile),
+                                                    compile=variant.compile, fp8=variant.fp8),
     )
     model.train()
     return model
@@ -297,7 +308,16 @@ class HfTrainer:
 
 
 def preflight(config: Any, variant: Variant, device: torch.device) -> str | None:
-    """A reason to skip a variant whose weights, gradients and AdamW states alone exceed the device."""
+    """A reason to skip a variant: fp8 where it cannot run (no float8 GPU, no torchao),
+    or weights, gradients and AdamW states that alone exceed the device."""
+    if variant.fp8 != "none":
+        from ft.errors import ConfigError
+        from ft.models.fp8 import check_fp8_support
+
+        try:
+            check_fp8_support(variant.fp8, device)
+        except ConfigError as error:
+            return str(error)
     if device.type != "cuda":
         return None
     n = parameter_count(config)
@@ -393,7 +413,7 @@ def run_variant(workload: str, variant: Variant, config: Any, ctx: dict[str, Any
     variant = dataclasses.replace(variant, compile=compile_)
     result: dict[str, Any] = {
         "name": variant.name, "impl": variant.impl, "precision": variant.precision, "compile": compile_,
-        "activation_checkpointing": variant.ac, "rows": variant.rows,
+        "activation_checkpointing": variant.ac, "rows": variant.rows, "fp8": variant.fp8,
     }
     if variant.impl == "hf" and variant.rows == "padded":
         result["batch_examples"] = variant.hf_batch
@@ -447,6 +467,11 @@ def add_ratios(writer: common.ResultWriter, workload: str) -> None:
                 ratios[f"{f['name']} / {h['name']}"] = value
         if workload == "b" and f["precision"] == "bf16":
             ratios[f"{f['name']} / torchtitan 10797"] = f["tokens_per_s"] / TORCHTITAN_8B_TOKENS_PER_S
+        if f.get("fp8", "none") != "none":  # against ft's own bf16 variant of the same settings
+            bf16 = f["name"].replace(f"fp8_{f['fp8']}", "bf16")
+            value = common.ratio(results, f["name"], bf16, key)
+            if value is not None:
+                ratios[f"{f['name']} / {bf16}"] = value
     writer.set("ratio_key", key)
     writer.set("ratios", ratios)
     for name, value in ratios.items():
