@@ -14,6 +14,9 @@ ChatML (Qwen2.5; `chatml`), each message as it is, no BOS:
 
     <|im_start|>{role}\n{content}<|im_end|>\n
 
+Mistral v0.3 (`mistral`): `<s>[INST] {user}[/INST] {answer}</s>` with `[INST]` as
+control tokens; see `ft.tokenizers.mistral`.
+
 Qwen3 (`qwen3`) is ChatML whose assistant turns after the last user turn open with
 a thinking block, `<think>\n{reasoning}\n</think>\n\n` (empty on the final turn
 when there is no reasoning), as Qwen3's own template renders them; see `ft.tokenizers.qwen`.
@@ -72,9 +75,11 @@ CHATML_JINJA = (
 
 def jinja_chat_template(chat_format: str) -> str:
     """The transformers `chat_template` that renders the same string as `encode_chat`."""
+    from ft.tokenizers.mistral import MISTRAL_JINJA
     from ft.tokenizers.qwen import QWEN3_JINJA
 
-    return {"llama3": LLAMA3_JINJA, "llama2": LLAMA2_JINJA, "chatml": CHATML_JINJA, "qwen3": QWEN3_JINJA}[chat_format]
+    return {"llama3": LLAMA3_JINJA, "llama2": LLAMA2_JINJA, "chatml": CHATML_JINJA, "qwen3": QWEN3_JINJA,
+            "mistral": MISTRAL_JINJA}[chat_format]
 
 
 def encode_chat(
@@ -88,6 +93,10 @@ def encode_chat(
         from ft.tokenizers.qwen import encode_chatml
 
         return encode_chatml(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    if tokenizer.chat_format == "mistral":
+        from ft.tokenizers.mistral import encode_mistral
+
+        return encode_mistral(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     return _encode_llama2(tokenizer, messages, add_generation_prompt)
 
 

@@ -51,6 +51,12 @@ def _load_qwen(file: Path, *, use_eot: bool) -> Tokenizer:
     return QwenTokenizer(file, use_eot=use_eot)
 
 
+def _load_mistral(file: Path, *, use_eot: bool) -> Tokenizer:
+    from ft.tokenizers.mistral import MistralTokenizer
+
+    return MistralTokenizer(file, use_eot=use_eot)
+
+
 _MODEL_FILES = ("tokenizer.model", "original/tokenizer.model")
 
 
@@ -59,6 +65,7 @@ def register_tokenizer_families(families: Registry[TokenizerFamily]) -> None:
     families.register("llama2", TokenizerFamily(_load_sentencepiece, _MODEL_FILES))  # SentencePiece
     families.register("hf", TokenizerFamily(_load_hf, ("tokenizer.json",)))
     families.register("qwen", TokenizerFamily(_load_qwen, ("tokenizer.json",)))  # byte-level BPE + ChatML
+    families.register("mistral", TokenizerFamily(_load_mistral, ("tokenizer.json",)))  # [INST] control tokens
 
 
 TOKENIZER_FAMILIES: Registry[TokenizerFamily] = Registry("tokenizer family")
@@ -153,13 +160,16 @@ def _has_tokenizers_package() -> bool:
 
 
 def guess_family(file: Path) -> str:
-    """`hf` for JSON (`qwen` when it holds ChatML's <|im_start|>), `llama2` for a
+    """`hf` for JSON (`qwen` when it holds ChatML's <|im_start|>, `mistral` when it holds
+    [INST] and [/INST]), `llama2` for a
     SentencePiece protobuf, `llama3` for tiktoken text."""
     with open(file, "rb") as f:
         head = f.read(4096)
     if file.suffix == ".json" or head.lstrip().startswith(b"{"):
         # tokenizer.json lists its added tokens first, so the head holds them.
-        return "qwen" if b'"<|im_start|>"' in head else "hf"
+        if b'"<|im_start|>"' in head:
+            return "qwen"
+        return "mistral" if b'"[INST]"' in head and b'"[/INST]"' in head else "hf"
     first_line = head.split(b"\n", 1)[0].split()
     if len(first_line) == 2 and first_line[1].isdigit():
         return "llama3"

@@ -49,6 +49,6 @@ MISTRAL_FAMILY = ModelFamily(
     tp_plan=llama_tp_plan,
     flops_per_token=llama_flops_per_token,
     num_parameters=num_parameters,
-    default_tokenizer_family="hf",
+    default_tokenizer_family="mistral",
     chat_template="mistral",
 )
