@@ -28,6 +28,7 @@ from ft.models import create_model, model_flops_per_token
 from ft.models.fp8 import check_fp8_support
 from ft.models.parallelize import check_parallel_layout, parallelize_model
 from ft.models.pipeline import check_pipeline_layout, with_pipeline
+from ft.parallel_plan import plan_parallelism
 from ft.recipes.cli_support import recipe_command
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig, optimizer_settings
 from ft.recipes.sft_plan import dry_run_instruction_finetune, predicted_peak_gib
@@ -59,6 +60,7 @@ WARMUP_STEPS = 2
 
 def run_instruction_finetune(config: InstructionFinetuneConfig, output_dir: Path) -> int:
     config.check()
+    config = plan_parallelism(config)  # parallel_plan=auto fills in the layout
     gangs = setup_gangs(
         device=config.device, tensor_parallel_size=config.tensor_parallel_size, replicas=config.fsdp_replicas,
         pipeline_parallel_size=config.pipeline_parallel_size,

@@ -71,10 +71,13 @@ def dry_run_instruction_finetune(config: Any) -> int:
     from ft.recipes.lm_setup import resolve_tokenizer
 
     config.check()
+    from ft.parallel_plan import plan_parallelism
+
+    config = plan_parallelism(config)  # parallel_plan=auto: prints the chosen layout
     launch = detect_launch()
     world = launch.world_size
     tp = config.tensor_parallel_size
-    dp = max(1, world // tp)
+    dp = max(1, world // (tp * config.pipeline_parallel_size))
     source = _model_source(config)
     tokenizer = resolve_tokenizer(config.tokenizer, source)
     examples = read_examples(
@@ -95,7 +98,7 @@ def dry_run_instruction_finetune(config: Any) -> int:
     lines = [
         f"model: {source.description}",
         f"parameters: {estimate.params_trainable:,} trainable of {estimate.params_total:,}",
-        f"layout: {world} process(es), dp={dp} ({config.data_parallelism}), tp={tp}",
+        f"layout: {world} process(es), dp={dp} ({config.data_parallelism}), tp={tp}, pp={config.pipeline_parallel_size}",
         f"data: {len(lengths):,} examples, {epoch_tokens:,} tokens per epoch (longest {max(lengths, default=0)}, "
         f"mean {epoch_tokens / max(1, len(lengths)):.0f})",
         f"tokens per step: {step_tokens:,} (max_num_tokens {config.max_num_tokens} x gradient_accumulation "
