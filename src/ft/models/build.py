@@ -71,7 +71,7 @@ def create_model(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     elif initialize:
-        with full_tensor_random_init():  # the same weights on any layout and device
+        with full_tensor_random_init():  # the same weights on any layout
             model.init_weights(seed)
     return model
 
