@@ -110,8 +110,19 @@ def compute_reference(
                     return None
     finally:
         model.train(was_training)
+        _reshard(model)
     log.info("reference log-probs: %d pairs, stored in %s", len(pairs), directory / REFERENCE_FILE)
     return table
+
+
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 leaves the root's parameters unsharded after a forward without backward;
+    an optimizer built after this pass must see the sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _sync(fresh: torch.Tensor, table: torch.Tensor, gangs: Gangs) -> None:
