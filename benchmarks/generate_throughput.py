@@ -137,12 +137,12 @@ def decode_bytes_per_step(model, batch_size: int, prompt_len: int, new_tokens: i
 
 def decode_bandwidth(model, batch_size: int, args, *, seconds: float, prefill_s: float) -> dict[str, Any]:
     weight_bytes, kv_bytes = decode_bytes_per_step(model, batch_size, args.prompt_len, args.new_tokens)
-    step_s = max(seconds - prefill_s, 1e-12) / (args.new_tokens - 1)
-    return {
-        "prefill_s": prefill_s, "decode_step_s": step_s, "weight_bytes_per_step": weight_bytes,
-        "kv_bytes_per_step": kv_bytes,
-        "hbm_fraction": (weight_bytes + kv_bytes) / step_s / (args.hbm_tb_s * 1e12),
-    }
+    result = {"prefill_s": prefill_s, "weight_bytes_per_step": weight_bytes, "kv_bytes_per_step": kv_bytes}
+    if seconds <= prefill_s:  # timing noise on a tiny run: no step time to report
+        return {**result, "decode_step_s": None, "hbm_fraction": None}
+    step_s = (seconds - prefill_s) / (args.new_tokens - 1)
+    return {**result, "decode_step_s": step_s,
+            "hbm_fraction": (weight_bytes + kv_bytes) / step_s / (args.hbm_tb_s * 1e12)}
 
 
 def build_hf_model(model, dtype: torch.dtype, device: torch.device):
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             reference = firsts["transformers/dynamic_cache"]
             row["first_tokens_agree"] = {k: v == reference for k, v in firsts.items() if k.startswith("ft/")}
         fractions = {f"ft/{r['mode']}": round(r["hbm_fraction"], 3) for r in results
-                     if r["batch_size"] == B and "hbm_fraction" in r}
+                     if r["batch_size"] == B and r.get("hbm_fraction") is not None}
         if fractions:
             row["ft hbm_fraction per decode step"] = fractions
         summary[f"batch_{B}"] = row
