@@ -25,14 +25,18 @@ def generate(out, prompts, *overrides) -> list[list[int]]:
     return [json.loads(line)["token_ids"] for line in lines]
 
 
-@pytest.fixture
-def lora_run(tmp_path, user_assets):
-    out = tmp_path / "run"
-    assert run_finetune(out, *LORA, "max_num_steps=3", "lora.export_merged=true") == 0
-    return out
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """One LoRA run shared by the tests (with no user cards, as `user_assets` gives the tests)."""
+    root = tmp_path_factory.mktemp("lora_run")
+    (root / "cards").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FT_USER_ASSET_DIR", str(root / "cards"))
+        assert run_finetune(root / "run", *LORA, "max_num_steps=3", "lora.export_merged=true") == 0
+    return root / "run"
 
 
-def test_generate_with_an_adapter_equals_the_merged_model(tmp_path, lora_run):
+def test_generate_with_an_adapter_equals_the_merged_model(tmp_path, user_assets, lora_run):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS))
     step = lora_run / "checkpoints" / "step_3"
@@ -45,7 +49,7 @@ def test_generate_with_an_adapter_equals_the_merged_model(tmp_path, lora_run):
     assert generate(tmp_path / "step_path", prompts, f"model={step}") == merged
 
 
-def test_finetune_from_a_lora_step(tmp_path, lora_run, capsys):
+def test_finetune_from_a_lora_step(tmp_path, user_assets, lora_run, capsys):
     resume = [f"resume_checkpoint_dir={lora_run / 'checkpoints'}", "model=last_checkpoint", "max_num_steps=2"]
     assert run_finetune(tmp_path / "full", "dtype=float32", *resume) != 0
     error = capsys.readouterr().err
