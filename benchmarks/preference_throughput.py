@@ -18,7 +18,7 @@ bf16 parameters, AdamW, selective activation checkpointing):
 Prints one JSON object (also written to --output). `--tiny` runs a debug-size
 model on CPU in seconds (the smoke test).
 
-    python benchmarks/preference_throughput.py --output preference.json
+    python benchmarks/preference_throughput.py --compile --output preference.json
     python benchmarks/preference_throughput.py --tiny
 """
 
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--activation-checkpointing", default="selective", choices=["none", "selective", "full"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (both recipes)")
     parser.add_argument("--tiny", action="store_true", help="debug-size model on CPU (smoke test)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     _, config = find_arch(args.arch)
     torch.manual_seed(0)
     model = create_model(config, device=device, dtype=dtype, seed=0, initialize=True, parallelize=lambda m: parallelize_model(
-        m, gangs, activation_checkpointing=args.activation_checkpointing))
+        m, gangs, activation_checkpointing=args.activation_checkpointing, compile=args.compile))
     optimizer = build_optimizer(model, learning_rate=1e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     scheduler = build_scheduler(optimizer, schedule="constant", warmup_steps=0, max_num_steps=10**6,
                                 final_lr_scale=1.0)
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"arch": args.arch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "dtype": str(dtype), "max_seq_len": args.max_seq_len, "max_num_tokens": args.max_num_tokens,
                     "prompt_len": args.prompt_len, "response_len": args.response_len, "steps": args.steps,
-                    "activation_checkpointing": args.activation_checkpointing, "torch": torch.__version__}
+                    "activation_checkpointing": args.activation_checkpointing, "compile": args.compile, "torch": torch.__version__}
     n = args.warmup + args.steps
     sft_s, sft_peak = time_steps(make_step(sft_batches, accumulate_gradients, next_token_loss(args.chunk_size),
                                            StepStats.zero(device)), device=device, warmup=args.warmup,
