@@ -47,6 +47,8 @@ def test_generate_with_an_adapter_equals_the_merged_model(tmp_path, user_assets,
     assert generate(tmp_path / "last", prompts, f"checkpoint_dir={lora_run / 'checkpoints'}",
                     "model=last_checkpoint") == merged
     assert generate(tmp_path / "step_path", prompts, f"model={step}") == merged
+    assert main(["lm", "generate", str(tmp_path / "both"), "--no-sweep-dir", "--config", f"dataset={prompts}",
+                 f"lora_dir={step}", f"checkpoint_dir={lora_run / 'checkpoints'}"]) != 0
 
 
 def test_finetune_from_a_lora_step(tmp_path, user_assets, lora_run, capsys):

@@ -79,6 +79,9 @@ def run_generate(config: GenerateConfig, output_dir: Path) -> int:
 def _generate(config: GenerateConfig, output_dir: Path, gangs: Gangs) -> int:
     device = gangs.device
     if config.lora_dir is not None:
+        if config.checkpoint_dir is not None:
+            raise ConfigError("config keys 'lora_dir' and 'checkpoint_dir' both name the weights; give one: "
+                              "checkpoint_dir=OUT/checkpoints model=checkpoint_step_N also runs a LoRA run's adapter")
         source = adapter_source(config.lora_dir, base=config.model)
     else:
         source = resolve_model_source(config.model or "ft_tiny", checkpoint_dir=config.checkpoint_dir)
