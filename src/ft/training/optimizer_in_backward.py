@@ -142,7 +142,9 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         from torch.distributed.tensor import DTensor
 
         key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
-        squared = _local(grad).detach().float().pow(2).sum()
+        # vector_norm accumulates in float32 without a float32 copy of the gradient
+        # (for an 8B model's embedding that copy alone is 2 GiB).
+        squared = torch.linalg.vector_norm(_local(grad).detach(), dtype=torch.float32).square()
         self._grad_sq[key] = self._grad_sq[key] + squared if key in self._grad_sq else squared
 
     def grad_norm(self) -> Tensor:
