@@ -74,7 +74,12 @@ class BackgroundSaver:
 
     def submit(self, step: int, write: Callable[[], None]) -> None:
         self.wait()
-        self._pending = (step, self._executor.submit(write))
+
+        def write_and_log() -> None:
+            write()
+            log.info("saved checkpoint step_%d", step)
+
+        self._pending = (step, self._executor.submit(write_and_log))
 
     @property
     def pending_step(self) -> int | None:
