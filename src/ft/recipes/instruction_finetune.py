@@ -238,7 +238,8 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
                 saved_step = step
             if stopping:
                 stopped = True
-                log.warning("stopped by signal at step %d; checkpoint saved, re-run the same command to resume", step)
+                log.warning("stopped by signal at step %d; %s", step, "model saved (save_model_only: no resume)"
+                            if config.save_model_only else "checkpoint saved, re-run the same command to resume")
                 break
     if saved_step != state.step:
         save_checkpoint()
