@@ -23,7 +23,7 @@ class Tokenizer(ABC):
 
     family: str
     # Which chat template `encode_chat` renders: Meta's Llama 3 headers or Llama 2 [INST].
-    chat_format: Literal["llama3", "llama2", "chatml", "qwen3", "mistral"]
+    chat_format: Literal["llama3", "llama2", "chatml", "qwen3", "qwen2_5", "mistral"]
     vocab_size: int
     bos_id: int | None
     eos_id: int

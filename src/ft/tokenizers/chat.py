@@ -14,6 +14,9 @@ ChatML (Qwen2.5; `chatml`), each message as it is, no BOS:
 
     <|im_start|>{role}\n{content}<|im_end|>\n
 
+Qwen2.5 (`qwen2_5`) is ChatML led by Qwen2.5's default system prompt when the
+dialog has no system message, as Qwen2.5-Instruct's template renders it.
+
 Mistral v0.3 (`mistral`): `<s>[INST] {user}[/INST] {answer}</s>` with `[INST]` as
 control tokens; see `ft.tokenizers.mistral`.
 
@@ -76,10 +79,10 @@ CHATML_JINJA = (
 def jinja_chat_template(chat_format: str) -> str:
     """The transformers `chat_template` that renders the same string as `encode_chat`."""
     from ft.tokenizers.mistral import MISTRAL_JINJA
-    from ft.tokenizers.qwen import QWEN3_JINJA
+    from ft.tokenizers.qwen import QWEN2_5_JINJA, QWEN3_JINJA
 
     return {"llama3": LLAMA3_JINJA, "llama2": LLAMA2_JINJA, "chatml": CHATML_JINJA, "qwen3": QWEN3_JINJA,
-            "mistral": MISTRAL_JINJA}[chat_format]
+            "qwen2_5": QWEN2_5_JINJA, "mistral": MISTRAL_JINJA}[chat_format]
 
 
 def encode_chat(
@@ -89,7 +92,7 @@ def encode_chat(
     _check_messages(messages)
     if tokenizer.chat_format == "llama3":
         return _encode_llama3(tokenizer, messages, add_generation_prompt)
-    if tokenizer.chat_format in ("chatml", "qwen3"):
+    if tokenizer.chat_format in ("chatml", "qwen3", "qwen2_5"):
         from ft.tokenizers.qwen import encode_chatml
 
         return encode_chatml(tokenizer, messages, add_generation_prompt=add_generation_prompt)

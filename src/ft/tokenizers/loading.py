@@ -51,6 +51,12 @@ def _load_qwen(file: Path, *, use_eot: bool) -> Tokenizer:
     return QwenTokenizer(file, use_eot=use_eot)
 
 
+def _load_qwen2_5(file: Path, *, use_eot: bool) -> Tokenizer:
+    from ft.tokenizers.qwen import QwenTokenizer
+
+    return QwenTokenizer(file, use_eot=use_eot, chat_format="qwen2_5")
+
+
 def _load_mistral(file: Path, *, use_eot: bool) -> Tokenizer:
     from ft.tokenizers.mistral import MistralTokenizer
 
@@ -65,6 +71,8 @@ def register_tokenizer_families(families: Registry[TokenizerFamily]) -> None:
     families.register("llama2", TokenizerFamily(_load_sentencepiece, _MODEL_FILES))  # SentencePiece
     families.register("hf", TokenizerFamily(_load_hf, ("tokenizer.json",)))
     families.register("qwen", TokenizerFamily(_load_qwen, ("tokenizer.json",)))  # byte-level BPE + ChatML
+    # Qwen's, rendering Qwen2.5's template (its default system prompt when a dialog has none).
+    families.register("qwen2_5", TokenizerFamily(_load_qwen2_5, ("tokenizer.json",)))
     families.register("mistral", TokenizerFamily(_load_mistral, ("tokenizer.json",)))  # [INST] control tokens
 
 

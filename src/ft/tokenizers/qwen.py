@@ -5,8 +5,11 @@ Reading the file is `ft.tokenizers.hf`'s job; what Qwen adds is:
 - no BOS: a prompt starts with its text (`bos_token` is null in Qwen's configs);
 - `<|im_end|>` ends a turn (`eot_id`, a stop id in generation), `<|endoftext|>` ends
   a document (`eos_id`, also the pad token);
-- the chat format: ChatML (`chatml`), or Qwen3's ChatML with thinking blocks
-  (`qwen3`, when the vocabulary has `<think>`).
+- the chat format: ChatML (`chatml`), Qwen3's ChatML with thinking blocks
+  (`qwen3`, when the vocabulary has `<think>`), or Qwen2.5's (`qwen2_5`: ChatML
+  with Qwen2.5's default system prompt when a dialog has none, as its template
+  renders it; chosen by the `qwen2_5` tokenizer family, or when the
+  `tokenizer_config.json` next to the file has that template).
 
 Qwen3 thinking: an assistant turn after the last user turn opens with
 `<think>\\n{reasoning}\\n</think>\\n\\n` when it has reasoning (a `reasoning_content`
@@ -18,6 +21,7 @@ on, unless `train_empty_think` is set. Non-empty reasoning is trained on.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -29,6 +33,21 @@ if TYPE_CHECKING:
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK, END_THINK = "<think>", "</think>"
+
+QWEN2_5_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# Qwen2.5-Instruct's chat template without tools: the same string as `encode_chatml` for `qwen2_5`.
+QWEN2_5_JINJA = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\n" + QWEN2_5_DEFAULT_SYSTEM + "<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message['role'] == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 # Qwen3's chat template without tools: the same string as `encode_chatml` for the `qwen3` format.
 QWEN3_JINJA = (
@@ -62,17 +81,32 @@ QWEN3_JINJA = (
 class QwenTokenizer(HfTokenizer):
     family = "qwen"
 
-    def __init__(self, path: str | Path, *, use_eot: bool = False, train_empty_think: bool = False) -> None:
+    def __init__(self, path: str | Path, *, use_eot: bool = False, train_empty_think: bool = False,
+                 chat_format: str | None = None) -> None:
         super().__init__(path, use_eot=use_eot)
         for token in (IM_START, IM_END):
             if self.token_to_id(token) is None:
                 raise AssetError(f"{self.path} has no {token} token: it is not a Qwen tokenizer (tokenizer_family: qwen)")
-        self.chat_format = "qwen3" if self.token_to_id(THINK) is not None else "chatml"  # type: ignore[assignment]
+        if chat_format is None:
+            chat_format = ("qwen3" if self.token_to_id(THINK) is not None
+                           else "qwen2_5" if _config_template_has_default_system(Path(self.path)) else "chatml")
+        self.chat_format = chat_format  # type: ignore[assignment]
         self.train_empty_think = train_empty_think
 
     def encode_prompt(self, source: str) -> list[int]:
         """SFT prompt: the source as it is (Qwen has no BOS)."""
         return self.encode(source, add_bos=self.bos_id is not None)
+
+
+def _config_template_has_default_system(file: Path) -> bool:
+    """Whether the `tokenizer_config.json` beside `file` has Qwen2.5's chat template
+    (a Qwen2.5 repository, or an ft export of one)."""
+    config = file.parent / "tokenizer_config.json"
+    try:
+        template = json.loads(config.read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return False
+    return isinstance(template, str) and QWEN2_5_DEFAULT_SYSTEM in template
 
 
 def split_reasoning(message: Message) -> tuple[str, str]:
@@ -99,6 +133,8 @@ def encode_chatml(
     if im_start is None or im_end is None:
         raise AssetError(f"the tokenizer at {tokenizer.path} has no {IM_START} / {IM_END}, so it cannot render ChatML")
     qwen3 = tokenizer.chat_format == "qwen3"
+    if tokenizer.chat_format == "qwen2_5" and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": QWEN2_5_DEFAULT_SYSTEM}, *messages]
     train_empty_think = getattr(tokenizer, "train_empty_think", False)
     user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
     last_query = user_turns[-1] if user_turns else len(messages) - 1
@@ -139,4 +175,4 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return length
 
 
-__all__ = ["QWEN3_JINJA", "QwenTokenizer", "encode_chatml", "split_reasoning"]
+__all__ = ["QWEN2_5_DEFAULT_SYSTEM", "QWEN2_5_JINJA", "QWEN3_JINJA", "QwenTokenizer", "encode_chatml", "split_reasoning"]
