@@ -107,7 +107,16 @@ def _leaf_keys(values: Mapping[str, Any], defaults: Mapping[str, Any], prefix: s
 
 
 def _attribute_docstrings(cls: type) -> dict[str, str]:
-    """{field: the string literal that follows its declaration} from the class source."""
+    """{field: the string literal that follows its declaration} from the sources of the class
+    and its bases (a subclass's declaration wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is not object:
+            docs.update(_own_attribute_docstrings(klass))
+    return docs
+
+
+def _own_attribute_docstrings(cls: type) -> dict[str, str]:
     try:
         source = Path(inspect.getsourcefile(cls) or "").read_text()
     except (OSError, TypeError):
