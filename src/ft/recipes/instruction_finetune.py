@@ -11,35 +11,30 @@ re-running the same OUT resumes; SIGTERM/SIGINT finish the step, save and exit.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 from pathlib import Path
 
 import torch
 
-from ft.config import config_to_dict
-from ft.errors import EXIT_OK, EXIT_STOPPED, ConfigError
+from ft.errors import EXIT_OK, EXIT_STOPPED
 from ft.gang import Gangs, setup_gangs
-from ft.lora.training import (
-    adapter_to_start_from, check_lora_run, export_lora, lora_fingerprint, start_lora, with_lora,
-)
+from ft.lora.training import adapter_to_start_from, export_lora, start_lora, with_lora
 from ft.models import create_model, model_flops_per_token
 from ft.models.fp8 import check_fp8_support
-from ft.models.parallelize import check_parallel_layout, parallelize_model
+from ft.models.parallelize import parallelize_model
 from ft.models.pipeline import check_pipeline_layout, with_pipeline
 from ft.parallel_plan import plan_parallelism
 from ft.recipes.cli_support import recipe_command
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig, optimizer_settings
 from ft.recipes.sft_plan import dry_run_instruction_finetune, predicted_peak_gib
 from ft.recipes.lm_setup import (
-    DTYPES, pad_id, read_sft_data, resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging,
-    sft_validation_batches,
+    DTYPES, checkpoint_model_config, open_checkpoints, open_metric_recorders, pad_id, read_sft_data, resolve_dtype,
+    resolve_model_and_tokenizer, setup_run_logging, sft_validation_batches,
 )
-from ft.training.checkpoint import CheckpointManager
 from ft.training.compile_choice import resolve_compile
 from ft.training.export import export_hf_model
-from ft.training.metrics import MetricBag, device_peak_tflops, format_metrics
+from ft.training.metrics import device_peak_tflops, format_metrics
 from ft.training.nonfinite import NonFiniteGuard
 from ft.training.activation_offloading import offloading_loss_fn
 from ft.training.optim import build_scheduler
@@ -73,34 +68,18 @@ def run_instruction_finetune(config: InstructionFinetuneConfig, output_dir: Path
 def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> int:
     device = gangs.device
     dtype = resolve_dtype(config.dtype, device)
-    source = resolve_model_source(config.model, checkpoint_dir=config.resume_checkpoint_dir)
-    tokenizer = resolve_tokenizer(config.tokenizer, source)
-    check_parallel_layout(source.config, tensor_parallel_size=config.tensor_parallel_size,
-                          data_parallelism=config.data_parallelism,
-                          activation_checkpointing=config.activation_checkpointing)
+    source, tokenizer, lora = resolve_model_and_tokenizer(config, gangs)
     check_pipeline_layout(source.config, pipeline_parallel_size=config.pipeline_parallel_size,
                           schedule=config.pipeline_schedule, micro_batches=config.gradient_accumulation)
-    if tokenizer.vocab_size > source.config.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but model {source.description} only {source.config.vocab_size}"
-        )
-    lora = config.lora if config.lora.enabled else None
-    if lora is not None:
-        check_lora_run(lora, source=source, device=device, dp_size=gangs.dp.size, tp_size=gangs.tp.size)
     start_adapter = adapter_to_start_from(lora, source)  # model= names a LoRA run's step
     check_fp8_support(config.fp8, device, lora=lora is not None)
     reader, valid_examples = read_sft_data(config, tokenizer, gangs)
 
-    checkpoints = CheckpointManager(
-        output_dir / "checkpoints", is_main=gangs.is_main, barrier=gangs.root.barrier,
-        keep_last_n_checkpoints=config.keep_last_n_checkpoints, keep_last_n_models=config.keep_last_n_models,
-        trainable_only=lora is not None, background=config.checkpoint_in_background,
-        single_process=gangs.root.size == 1,
-    )
     if config.save_model_only:
         log.warning("save_model_only: checkpoints hold only the model, no trainer state; this run cannot be resumed")
-    checkpoints.remove_incomplete()
-    resume_step = checkpoints.latest_resumable_step()
+    checkpoints, resume_step = open_checkpoints(config, output_dir, gangs, lora=lora,
+                                                background=config.checkpoint_in_background,
+                                                single_process=gangs.root.size == 1)
     # Mixed precision keeps float32 master weights and computes in `dtype`.
     mixed = config.mixed_precision and dtype != torch.float32
     torch.manual_seed(config.seed)
@@ -137,9 +116,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     )
     state = TrainerState(step=0, scheduler=scheduler, reader=reader,
                          scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-    model_config_dict = dataclasses.asdict(source.config)
-    if lora is not None:  # so a LoRA run never resumes as full fine-tuning, or the reverse
-        model_config_dict["lora"] = lora_fingerprint(lora)
+    model_config_dict = checkpoint_model_config(source, lora)
     if resume_step is not None:
         log.info("resuming from %s", checkpoints.dir / f"step_{resume_step}")
         extra = checkpoints.load(resume_step, model=model, optimizer=optimizer, model_config=model_config_dict)
@@ -168,8 +145,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
                                 model_config=model_config_dict, export_model=export, model_only=config.save_model_only)
         log.info("writing checkpoint %s in the background" if checkpoints.in_background else "saved checkpoint %s", path)
 
-    recorders = MetricBag(output_dir, config.metric_recorders, wandb_project=config.wandb_project,
-                          config=config_to_dict(config), start_step=state.step) if gangs.is_main else None
+    recorders = open_metric_recorders(config, output_dir, gangs, start_step=state.step)
     peak_tflops, peak_source = device_peak_tflops(device, config.peak_tflops)
     flops_per_token = model_flops_per_token(source.config, config.max_seq_len)
     log.info("model: %s, %s params, MFU peak: %s", source.description,

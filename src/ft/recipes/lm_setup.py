@@ -1,6 +1,7 @@
 """What the language-model recipes share: which model and tokenizer a config
-names, run logging, instruction data read into batches (and `DTYPES` /
-`resolve_dtype`, re-exported from `ft.dtypes`).
+names (checked against each other, the parallel layout and LoRA), the checkpoint
+directory, metric recorders, run logging, instruction data read into batches (and
+`DTYPES` / `resolve_dtype`, re-exported from `ft.dtypes`).
 
 `model` in a recipe config is a card name, a checkpoint path, or, with a
 `checkpoint_dir`, `last_checkpoint` / `checkpoint_step_N` of an earlier run.
@@ -8,6 +9,7 @@ names, run logging, instruction data read into batches (and `DTYPES` /
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from ft.errors import ConfigError
 from ft.gang import Gangs
 from ft.models import ModelSource, resolve_model
 from ft.models.checkpoint import read_checkpoint_config
-from ft.training.checkpoint import resolve_model_checkpoint
+from ft.training.checkpoint import CheckpointManager, resolve_model_checkpoint
 
 log = logging.getLogger("ft")
 
@@ -55,6 +57,66 @@ def resolve_tokenizer(tokenizer: str | None, source: ModelSource):
         directory = source.checkpoint if source.checkpoint.is_dir() else source.checkpoint.parent
         return load_tokenizer(str(directory))
     raise ConfigError("config key 'tokenizer': no tokenizer given and the model names none")
+
+
+def resolve_model_and_tokenizer(config, gangs: Gangs):
+    """(model source, tokenizer, LoRA section or None) of a training config
+    (`ft.recipes.lm_training_config.LmTrainingConfig`), checked before any weights load."""
+    from ft.lora.training import check_lora_run
+    from ft.models.parallelize import check_parallel_layout
+
+    source = resolve_model_source(config.model, checkpoint_dir=config.resume_checkpoint_dir)
+    tokenizer = resolve_tokenizer(config.tokenizer, source)
+    check_parallel_layout(source.config, tensor_parallel_size=config.tensor_parallel_size,
+                          data_parallelism=config.data_parallelism,
+                          activation_checkpointing=config.activation_checkpointing)
+    check_model_vocabulary(tokenizer, source)
+    lora = config.lora if config.lora.enabled else None
+    if lora is not None:
+        check_lora_run(lora, source=source, device=gangs.device, dp_size=gangs.dp.size, tp_size=gangs.tp.size)
+    return source, tokenizer, lora
+
+
+def check_model_vocabulary(tokenizer, source: ModelSource) -> None:
+    """A tokenizer with ids past the model's embedding table would index out of range."""
+    if tokenizer.vocab_size > source.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but model {source.description} only {source.config.vocab_size}"
+        )
+
+
+def open_checkpoints(config, output_dir: Path, gangs: Gangs, *, lora, **options) -> tuple[CheckpointManager, int | None]:
+    """OUT/checkpoints without any incomplete save, and the step to resume from (None: a fresh run).
+    `options`: further `CheckpointManager` settings of the recipe."""
+    checkpoints = CheckpointManager(
+        output_dir / "checkpoints", is_main=gangs.is_main, barrier=gangs.root.barrier,
+        keep_last_n_checkpoints=config.keep_last_n_checkpoints, keep_last_n_models=config.keep_last_n_models,
+        trainable_only=lora is not None, **options,
+    )
+    checkpoints.remove_incomplete()
+    return checkpoints, checkpoints.latest_resumable_step()
+
+
+def checkpoint_model_config(source: ModelSource, lora) -> dict:
+    """What a checkpoint records of the model: its config and, under LoRA, the adapter settings,
+    so a LoRA run never resumes as full fine-tuning, or the reverse."""
+    from ft.lora.training import lora_fingerprint
+
+    model_config = dataclasses.asdict(source.config)
+    if lora is not None:
+        model_config["lora"] = lora_fingerprint(lora)
+    return model_config
+
+
+def open_metric_recorders(config, output_dir: Path, gangs: Gangs, *, start_step: int):
+    """The run's `MetricBag` on rank 0 (None on the other ranks), recording the whole config."""
+    from ft.config import config_to_dict
+    from ft.training.metrics import MetricBag
+
+    if not gangs.is_main:
+        return None
+    return MetricBag(output_dir, config.metric_recorders, wandb_project=config.wandb_project,
+                     config=config_to_dict(config), start_step=start_step)
 
 
 def setup_run_logging(output_dir: Path, rank: int) -> Path:

@@ -20,23 +20,24 @@ from pathlib import Path
 
 import torch
 
-from ft.config import config_to_dict
 from ft.errors import EXIT_OK, EXIT_STOPPED, ConfigError
 from ft.gang import Gangs, setup_gangs
-from ft.lora.training import check_lora_run, export_lora, lora_fingerprint, start_lora, with_lora
+from ft.lora.training import export_lora, start_lora, with_lora
 from ft.models import create_model, model_flops_per_token
-from ft.models.parallelize import check_parallel_layout, parallelize_model
+from ft.models.parallelize import parallelize_model
 from ft.preference.data import PairPlanner, iter_pair_batches, pair_reader, read_pairs
 from ft.preference.reference import compute_reference, load_reference, reference_fingerprint
 from ft.preference.step import (
     PreferenceStats, accumulate_pair_gradients, preference_loss, publish_preference_stats, validate_pairs,
 )
 from ft.recipes.cli_support import recipe_command
-from ft.recipes.lm_setup import DTYPES, pad_id, resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
+from ft.recipes.lm_setup import (
+    DTYPES, checkpoint_model_config, open_checkpoints, open_metric_recorders, pad_id, resolve_dtype,
+    resolve_model_and_tokenizer, setup_run_logging,
+)
 from ft.recipes.preference_finetune_config import PreferenceFinetuneConfig
-from ft.training.checkpoint import CheckpointManager
 from ft.training.export import export_hf_model
-from ft.training.metrics import MetricBag, device_peak_tflops, format_metrics
+from ft.training.metrics import device_peak_tflops, format_metrics
 from ft.training.nonfinite import NonFiniteGuard
 from ft.training.optim import build_optimizer, build_scheduler
 from ft.training.progress import TrainingProgress
@@ -60,18 +61,7 @@ def run_preference_finetune(config: PreferenceFinetuneConfig, output_dir: Path) 
 def train(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs) -> int:
     device = gangs.device
     dtype = resolve_dtype(config.dtype, device)
-    source = resolve_model_source(config.model, checkpoint_dir=config.resume_checkpoint_dir)
-    tokenizer = resolve_tokenizer(config.tokenizer, source)
-    check_parallel_layout(source.config, tensor_parallel_size=config.tensor_parallel_size,
-                          data_parallelism=config.data_parallelism,
-                          activation_checkpointing=config.activation_checkpointing)
-    if tokenizer.vocab_size > source.config.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but model {source.description} only {source.config.vocab_size}"
-        )
-    lora = config.lora if config.lora.enabled else None
-    if lora is not None:
-        check_lora_run(lora, source=source, device=device, dp_size=gangs.dp.size, tp_size=gangs.tp.size)
+    source, tokenizer, lora = resolve_model_and_tokenizer(config, gangs)
 
     def read(split: str):
         pairs = read_pairs(config.dataset, tokenizer, split=split, max_seq_len=config.max_seq_len,
@@ -91,13 +81,7 @@ def train(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs) -> i
         dp_rank=gangs.dp.rank, gradient_accumulation=config.gradient_accumulation, pad_id=pad_id(tokenizer),
     )
 
-    checkpoints = CheckpointManager(
-        output_dir / "checkpoints", is_main=gangs.is_main, barrier=gangs.root.barrier,
-        keep_last_n_checkpoints=config.keep_last_n_checkpoints, keep_last_n_models=config.keep_last_n_models,
-        trainable_only=lora is not None,
-    )
-    checkpoints.remove_incomplete()
-    resume_step = checkpoints.latest_resumable_step()
+    checkpoints, resume_step = open_checkpoints(config, output_dir, gangs, lora=lora)
     mixed = config.mixed_precision and dtype != torch.float32
     torch.manual_seed(config.seed)
 
@@ -157,9 +141,7 @@ def _train_loop(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs
     )
     state = TrainerState(step=0, scheduler=scheduler, reader=reader,
                          scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-    model_config_dict = dataclasses.asdict(source.config)
-    if lora is not None:
-        model_config_dict["lora"] = lora_fingerprint(lora)
+    model_config_dict = checkpoint_model_config(source, lora)
     if resume_step is not None:
         log.info("resuming from %s", checkpoints.dir / f"step_{resume_step}")
         extra = checkpoints.load(resume_step, model=model, optimizer=optimizer, model_config=model_config_dict)
@@ -184,8 +166,7 @@ def _train_loop(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs
                                 model_config=model_config_dict, export_model=export)
         log.info("saved checkpoint %s", path)
 
-    recorders = MetricBag(output_dir, config.metric_recorders, wandb_project=config.wandb_project,
-                          config=config_to_dict(config), start_step=state.step) if gangs.is_main else None
+    recorders = open_metric_recorders(config, output_dir, gangs, start_step=state.step)
     peak_tflops, peak_source = device_peak_tflops(device, config.peak_tflops)
     flops_per_token = model_flops_per_token(source.config, config.max_seq_len)
     log.info("model: %s, %s params, criterion: %s, MFU peak: %s", source.description,
