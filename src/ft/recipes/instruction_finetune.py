@@ -29,15 +29,14 @@ from ft.recipes.cli_support import recipe_command
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig, optimizer_settings
 from ft.recipes.sft_plan import dry_run_instruction_finetune, predicted_peak_gib
 from ft.recipes.lm_setup import (
-    DTYPES, checkpoint_model_config, open_checkpoints, open_metric_recorders, pad_id, read_sft_data, resolve_dtype,
-    resolve_model_and_tokenizer, setup_run_logging, sft_validation_batches,
+    DTYPES, open_checkpoints, open_metric_recorders, pad_id, read_sft_data, resolve_dtype,
+    resolve_model_and_tokenizer, setup_run_logging, start_trainer_state, sft_validation_batches,
 )
 from ft.training.compile_choice import resolve_compile
 from ft.training.export import export_hf_model
 from ft.training.metrics import device_peak_tflops, format_metrics
 from ft.training.nonfinite import NonFiniteGuard
 from ft.training.activation_offloading import offloading_loss_fn
-from ft.training.optim import build_scheduler
 from ft.training.optimizers import build_optimizer, step_in_backward
 from ft.training.progress import TrainingProgress
 from ft.training.optim import clip_grad_norm
@@ -45,7 +44,6 @@ from ft.training.pipeline_step import PipelineRunner, export_pipeline_hf_model
 from ft.training.step import accumulate_gradients, next_token_loss, optimizer_step, validate
 from ft.training.step_stats import StepStats, publish_stats
 from ft.training.stop_signal import StopSignal
-from ft.training.trainer_state import TrainerState
 
 log = logging.getLogger("ft")
 
@@ -110,17 +108,10 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         start_lora(model, lora, seed=config.seed, resuming=resume_step is not None, dtype=dtype,
                    adapter=start_adapter, adapter_source=source.adapter)
     optimizer = build_optimizer(model, optimizer_settings(config), dp_size=gangs.dp.size)
-    scheduler = build_scheduler(
-        optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup_steps, max_num_steps=config.max_num_steps,
-        final_lr_scale=config.final_lr_scale,
+    scheduler, state, model_config_dict = start_trainer_state(
+        config, model=model, optimizer=optimizer, reader=reader, source=source, lora=lora, checkpoints=checkpoints,
+        resume_step=resume_step, dtype=dtype, device=device,
     )
-    state = TrainerState(step=0, scheduler=scheduler, reader=reader,
-                         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-    model_config_dict = checkpoint_model_config(source, lora)
-    if resume_step is not None:
-        log.info("resuming from %s", checkpoints.dir / f"step_{resume_step}")
-        extra = checkpoints.load(resume_step, model=model, optimizer=optimizer, model_config=model_config_dict)
-        state.load_state_dict(extra, device)
 
     nonfinite = NonFiniteGuard(config.nonfinite_policy, gangs=gangs, check_grad_norm=not state.scaler.is_enabled(),
                                start_step=state.step)

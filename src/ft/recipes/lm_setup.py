@@ -108,6 +108,29 @@ def checkpoint_model_config(source: ModelSource, lora) -> dict:
     return model_config
 
 
+def start_trainer_state(config, *, model, optimizer, reader, source: ModelSource, lora, checkpoints: CheckpointManager,
+                        resume_step: int | None, dtype, device):
+    """(schedule, trainer state, the model config checkpoints record): the state at step 0, or
+    loaded with the model and optimizer from checkpoint `resume_step`."""
+    import torch
+
+    from ft.training.optim import build_scheduler
+    from ft.training.trainer_state import TrainerState
+
+    scheduler = build_scheduler(
+        optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup_steps, max_num_steps=config.max_num_steps,
+        final_lr_scale=config.final_lr_scale,
+    )
+    state = TrainerState(step=0, scheduler=scheduler, reader=reader,
+                         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+    model_config = checkpoint_model_config(source, lora)
+    if resume_step is not None:
+        log.info("resuming from %s", checkpoints.dir / f"step_{resume_step}")
+        extra = checkpoints.load(resume_step, model=model, optimizer=optimizer, model_config=model_config)
+        state.load_state_dict(extra, device)
+    return scheduler, state, model_config
+
+
 def open_metric_recorders(config, output_dir: Path, gangs: Gangs, *, start_step: int):
     """The run's `MetricBag` on rank 0 (None on the other ranks), recording the whole config."""
     from ft.config import config_to_dict

@@ -32,18 +32,17 @@ from ft.preference.step import (
 )
 from ft.recipes.cli_support import recipe_command
 from ft.recipes.lm_setup import (
-    DTYPES, checkpoint_model_config, open_checkpoints, open_metric_recorders, pad_id, resolve_dtype,
-    resolve_model_and_tokenizer, setup_run_logging,
+    DTYPES, open_checkpoints, open_metric_recorders, pad_id, resolve_dtype,
+    resolve_model_and_tokenizer, setup_run_logging, start_trainer_state,
 )
 from ft.recipes.preference_finetune_config import PreferenceFinetuneConfig
 from ft.training.export import export_hf_model
 from ft.training.metrics import device_peak_tflops, format_metrics
 from ft.training.nonfinite import NonFiniteGuard
-from ft.training.optim import build_optimizer, build_scheduler
+from ft.training.optim import build_optimizer
 from ft.training.progress import TrainingProgress
 from ft.training.step import optimizer_step
 from ft.training.stop_signal import StopSignal
-from ft.training.trainer_state import TrainerState
 
 log = logging.getLogger("ft")
 
@@ -135,17 +134,10 @@ def _train_loop(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs
     optimizer = build_optimizer(
         model, learning_rate=config.learning_rate, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
-    scheduler = build_scheduler(
-        optimizer, schedule=config.lr_schedule, warmup_steps=config.warmup_steps, max_num_steps=config.max_num_steps,
-        final_lr_scale=config.final_lr_scale,
+    scheduler, state, model_config_dict = start_trainer_state(
+        config, model=model, optimizer=optimizer, reader=reader, source=source, lora=lora, checkpoints=checkpoints,
+        resume_step=resume_step, dtype=dtype, device=device,
     )
-    state = TrainerState(step=0, scheduler=scheduler, reader=reader,
-                         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-    model_config_dict = checkpoint_model_config(source, lora)
-    if resume_step is not None:
-        log.info("resuming from %s", checkpoints.dir / f"step_{resume_step}")
-        extra = checkpoints.load(resume_step, model=model, optimizer=optimizer, model_config=model_config_dict)
-        state.load_state_dict(extra, device)
 
     nonfinite = NonFiniteGuard(config.nonfinite_policy, gangs=gangs, check_grad_norm=not state.scaler.is_enabled(),
                                start_step=state.step)
