@@ -123,7 +123,8 @@ class AssetCard:
         return None
 
     def _where(self) -> str:
-        files = ", ".join(str(source.file) for source in self.sources) or "?"
+        # A card and its base often share one file: name each file once.
+        files = ", ".join(dict.fromkeys(str(source.file) for source in self.sources)) or "?"
         return f"card '{self.name}' ({files})"
 
 
