@@ -111,3 +111,10 @@ def test_benchmarks_import_no_family_module():
             offenders += [f"{path.name} imports {n}" for n in names
                           if any(n == f or n.startswith(f + ".") for f in families)]
     assert offenders == []
+
+
+def test_model_modules_have_no_cycle_even_through_function_level_imports():
+    # Family folders import only the bundle, never the lookups that register them.
+    graph = {m: {i for i in _imports(m, top_level_only=False) if i.startswith("ft.models")}
+             for m in MODULES if m.startswith("ft.models")}
+    assert _cycles(graph) == []

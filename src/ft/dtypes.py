@@ -23,4 +23,12 @@ def resolve_dtype(name: str, device: torch.device, *, key: str = "dtype") -> tor
         raise ConfigError(f"config key '{key}': unknown dtype {name!r}; known: auto, {', '.join(DTYPES)}") from None
 
 
-__all__ = ["DTYPES", "resolve_dtype"]
+def dtype_name(dtype: torch.dtype) -> str:
+    """The `torch_dtype` name HF configs use; ValueError for a dtype ft does not export."""
+    for name, known in DTYPES.items():
+        if known == dtype:
+            return name
+    raise ValueError(f"cannot export weights as {dtype}; use one of {', '.join(DTYPES)}")
+
+
+__all__ = ["DTYPES", "dtype_name", "resolve_dtype"]

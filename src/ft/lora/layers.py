@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+from ft.lora import quant
 from ft.lora.quant import linear as base_linear
 
 
@@ -103,4 +104,20 @@ class LoraRowwiseParallel(RowwiseParallel):
             _distribute(module, "weight", device_mesh, [Shard(1)])
 
 
-__all__ = ["LoraColwiseParallel", "LoraLinear", "LoraRowwiseParallel"]
+@torch.no_grad()
+def quantize_frozen_linears(model: nn.Module, *, dtype: torch.dtype) -> int:
+    """Replace the frozen weights of every adapted linear with NF4 (quantized from `dtype`).
+
+    Call after the weights are loaded and before any sharding: one process only.
+    Returns the number of weights quantized.
+    """
+    to_nf4 = quant._nf4_module().to_nf4
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and not module.weight.requires_grad and not quant.is_nf4(module.weight):
+            module.weight = nn.Parameter(to_nf4(module.weight.detach().to(dtype)), requires_grad=False)
+            count += 1
+    return count
+
+
+__all__ = ["LoraColwiseParallel", "LoraLinear", "LoraRowwiseParallel", "quantize_frozen_linears"]

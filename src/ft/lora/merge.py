@@ -21,7 +21,7 @@ from ft.lora.config import LoraConfig
 
 def iter_checkpoint_tensors(path: Path, config: Any) -> Iterator[tuple[str, Tensor]]:
     """(HF name, tensor) of every weight in a base checkpoint (HF safetensors or Meta layout)."""
-    from ft.models.checkpoint import IGNORED_KEY, checkpoint_format, hf_safetensors_files
+    from ft.models.checkpoint_files import IGNORED_KEY, checkpoint_format, hf_safetensors_files
     from ft.models.family import family_of
 
     path = Path(path)

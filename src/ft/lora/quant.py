@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ft.errors import ConfigError
 
@@ -49,21 +49,3 @@ def check_nf4_available(device: torch.device) -> None:
             f"lora.base_quantization=nf4 runs on CUDA GPUs only (device is {device.type}); "
             "use lora.base_quantization=none on this device"
         )
-
-
-@torch.no_grad()
-def quantize_frozen_linears(model: nn.Module, *, dtype: torch.dtype) -> int:
-    """Replace the frozen weights of every adapted linear with NF4 (quantized from `dtype`).
-
-    Call after the weights are loaded and before any sharding: one process only.
-    Returns the number of weights quantized.
-    """
-    from ft.lora.layers import LoraLinear
-
-    to_nf4 = _nf4_module().to_nf4
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and not module.weight.requires_grad and not is_nf4(module.weight):
-            module.weight = nn.Parameter(to_nf4(module.weight.detach().to(dtype)), requires_grad=False)
-            count += 1
-    return count

@@ -88,7 +88,7 @@ def start_lora(model: nn.Module, config: LoraConfig, *, seed: int, resuming: boo
             load_adapter_weights(model, adapter, source=adapter_source)
             log.info("adapters start from %s", adapter_source)
     if config.base_quantization == "nf4":
-        from ft.lora.quant import quantize_frozen_linears
+        from ft.lora.layers import quantize_frozen_linears
 
         count = quantize_frozen_linears(model, dtype=dtype)
         log.info("QLoRA: %d frozen linear weights in NF4", count)

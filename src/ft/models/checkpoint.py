@@ -19,77 +19,18 @@ the tensor and the file.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ft.errors import CheckpointError
+from ft.models.checkpoint_files import (
+    IGNORED_KEY, SAFETENSORS_DTYPES, checkpoint_dir_of, checkpoint_format, hf_safetensors_files, meta_shard_files,
+    open_safetensors, read_json, safetensors_keys,
+)
 from ft.models.family import build_meta_model, family_for_hf_config, family_of, meta_layout_family
-
-HF_INDEX = "model.safetensors.index.json"
-
-
-IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^rope\.freqs$")
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-}
-
-
-@contextlib.contextmanager
-def open_safetensors(file: Path) -> Iterator[Any]:
-    """`safe_open` on CPU (a memory map), with a truncated or garbage file as one
-    CheckpointError naming it instead of the library's error."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            yield f
-    except (SafetensorError, OSError) as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise CheckpointError(
-            f"{file} is not a readable safetensors file ({reason}); it may be truncated or damaged: "
-            "copy or export it again"
-        ) from None
-
-
-def checkpoint_format(path: Path) -> str:
-    """'hf' (safetensors dir, also ft step dirs) or 'meta' (consolidated.NN.pth)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_file():
-        if path.suffix == ".pth":
-            return "meta"
-        if path.suffix == ".safetensors":
-            return "hf"
-        raise CheckpointError(f"checkpoint {path}: expected a directory, a *.safetensors or a consolidated.NN.pth file")
-    if any(path.glob("*.safetensors")):
-        return "hf"
-    if any(path.glob("consolidated.*.pth")):
-        return "meta"
-    raise CheckpointError(
-        f"checkpoint directory {path} holds neither *.safetensors files (Hugging Face / ft layout) "
-        "nor consolidated.NN.pth files (Meta layout)"
-    )
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    return path if path.is_dir() else path.parent
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{file} is not valid JSON: {error}") from None
 
 
 def _expected_params(model: nn.Module) -> dict[str, Tensor]:
@@ -101,29 +42,7 @@ def _expected_params(model: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in model.named_parameters(remove_duplicate=True) if not n.startswith(skip)}
 
 
-def hf_safetensors_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> file of an HF safetensors dir (index, else every *.safetensors)."""
-    index = directory / HF_INDEX
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map'")
-        files = {name: directory / file for name, file in weight_map.items()}
-        for file in set(files.values()):
-            if not file.is_file():
-                raise CheckpointError(f"{index} names {file.name}, which is missing from {directory}")
-        return files
-    files = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with open_safetensors(file) as f:
-            for name in f.keys():
-                if name in files:
-                    raise CheckpointError(f"tensor {name!r} is in both {files[name].name} and {file.name} of {directory}")
-                files[name] = file
-    return files
-
-
-def _local_slices(param: Tensor) -> tuple[Tensor, tuple[slice, ...] | None]:
+def local_slices(param: Tensor) -> tuple[Tensor, tuple[slice, ...] | None]:
     """(local storage to fill, slices of the full tensor it holds; None = all of it)."""
     try:
         from torch.distributed.tensor import DTensor
@@ -141,7 +60,7 @@ def _local_slices(param: Tensor) -> tuple[Tensor, tuple[slice, ...] | None]:
 def load_hf_checkpoint(model: nn.Module, path: Path) -> None:
     """Load an HF / ft safetensors dir (or one .safetensors file) into `model`, tensor by tensor."""
     path = Path(path)
-    files = {n: path for n in _safetensors_keys(path)} if path.is_file() else hf_safetensors_files(path)
+    files = {n: path for n in safetensors_keys(path)} if path.is_file() else hf_safetensors_files(path)
     params = _expected_params(model)
     tied = model.config.tie_embeddings
     # A pipeline stage holds some of the model's tensors; the other stages load the rest.
@@ -172,7 +91,7 @@ def load_hf_checkpoint(model: nn.Module, path: Path) -> None:
                     raise CheckpointError(
                         f"tensor {name!r} in {file} has shape {list(shape)}, the model expects {list(param.shape)}"
                     )
-                local, slices = _local_slices(param)
+                local, slices = local_slices(param)
                 tensor = disk[slices] if slices is not None else f.get_tensor(name)
                 local.copy_(tensor)
                 del tensor
@@ -200,25 +119,11 @@ def _check_tied_head(embedding: Tensor, file: Path) -> None:
         )
 
 
-def _safetensors_keys(file: Path) -> list[str]:
-    with open_safetensors(file) as f:
-        return list(f.keys())
-
-
-def meta_shard_files(path: Path) -> list[Path]:
-    directory = _checkpoint_dir(Path(path))
-    files = sorted(directory.glob("consolidated.*.pth"))
-    if not files:
-        raise CheckpointError(f"no consolidated.NN.pth files in {directory}")
-    return files
-
-
-
 def read_checkpoint_config(path: Path) -> Any:
     """The config stored beside a checkpoint: HF `config.json` or Meta `params.json`."""
     path = Path(path)
     fmt = checkpoint_format(path)
-    directory = _checkpoint_dir(path)
+    directory = checkpoint_dir_of(path)
     if fmt == "hf":
         file = directory / "config.json"
         if not file.is_file():
@@ -226,12 +131,12 @@ def read_checkpoint_config(path: Path) -> Any:
                 f"{directory} has safetensors but no config.json; name the arch in a card (model_arch) "
                 "or write one with `ft <family> write_hf_config --model ARCH DIR`"
             )
-        config_json = _read_json(file)
+        config_json = read_json(file)
         return family_for_hf_config(config_json, source=str(file)).config_from_hf(config_json, source=str(file))
     file = directory / "params.json"
     if not file.is_file():
         raise CheckpointError(f"Meta checkpoint {directory} has no params.json; name the arch in a card (model_arch)")
-    return meta_layout_family().config_from_meta(_read_json(file), source=str(file))
+    return meta_layout_family().config_from_meta(read_json(file), source=str(file))
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:
@@ -264,12 +169,12 @@ def load_meta_checkpoint(model: nn.Module, path: Path) -> None:
             raise CheckpointError(
                 f"tensor {name!r} (converted from {file}) has shape {list(tensor.shape)}, the model expects {list(param.shape)}"
             )
-        local, slices = _local_slices(param)
+        local, slices = local_slices(param)
         local.copy_(tensor[slices] if slices is not None else tensor)
         seen.add(name)
     missing = [n for n in params if n not in seen]
     if missing:
-        raise CheckpointError(f"tensor {missing[0]!r} is missing from Meta checkpoint {_checkpoint_dir(Path(path))}")
+        raise CheckpointError(f"tensor {missing[0]!r} is missing from Meta checkpoint {checkpoint_dir_of(Path(path))}")
     if tied_head is not None:
         head, file = tied_head
         embedding = params["model.embed_tokens.weight"]
@@ -286,10 +191,10 @@ def checkpoint_dtype(path: Path) -> torch.dtype:
     """The dtype the checkpoint's floating-point weights are stored in."""
     path = Path(path)
     if checkpoint_format(path) == "hf":
-        files = [path] if path.is_file() else sorted(_checkpoint_dir(path).glob("*.safetensors"))
+        files = [path] if path.is_file() else sorted(checkpoint_dir_of(path).glob("*.safetensors"))
         with open_safetensors(files[0]) as f:
             for name in f.keys():
-                dtype = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
+                dtype = SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
                 if dtype is not None and dtype.is_floating_point:
                     return dtype
         return torch.float32

@@ -1,7 +1,7 @@
 """The model families ft ships, registered in one place: a new family is a folder
 under `ft/models/` plus one line here."""
 
-from ft.models.family import register_family
+from ft.models.family_bundle import register_family
 from ft.models.llama.family import LLAMA_FAMILY
 from ft.models.mistral.family import MISTRAL_FAMILY
 from ft.models.qwen2.family import QWEN2_FAMILY

@@ -20,19 +20,11 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from ft.dtypes import DTYPES
-from ft.models.checkpoint import HF_INDEX
+from ft.dtypes import dtype_name
+from ft.models.checkpoint_files import HF_INDEX
 from ft.models.family import family_of
 
 DEFAULT_MAX_SHARD_SIZE_BYTES = 5 * 1024**3
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The `torch_dtype` name HF configs use; ValueError for a dtype ft does not export."""
-    for name, known in DTYPES.items():
-        if known == dtype:
-            return name
-    raise ValueError(f"cannot export weights as {dtype}; use one of {', '.join(DTYPES)}")
-
 
 def write_hf_config(
     config: Any, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, tokenizer: Any = None

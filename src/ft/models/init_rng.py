@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ft.models.checkpoint import _local_slices
+from ft.models.checkpoint import local_slices
 
 _RANDOM_FILLS = {
     torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_, torch.Tensor.random_,
@@ -50,7 +50,7 @@ class full_tensor_random_init(TorchFunctionMode):
             # nn.init passes its tensor by keyword (`tensor=`), Tensor methods as `self`.
             target = args[0] if args else kwargs.get("tensor")
             if _is_dtensor(target):
-                local, slices = _local_slices(target)
+                local, slices = local_slices(target)
                 with torch.no_grad():
                     full = torch.empty(tuple(target.shape), dtype=target.dtype, device=local.device)
                     if args:

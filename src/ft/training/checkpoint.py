@@ -47,6 +47,7 @@ from ft.training.manifest import (
     MANIFEST_NAME, FileRecord, Manifest, ManifestError, fsync_dir, has_incomplete_marker, read_manifest,
     remove_listed, seal, verify, write_atomic, write_incomplete_marker,
 )
+from ft.training.run_dirs import find_checkpoint_dir, list_step_dirs  # noqa: F401  (list_step_dirs re-exported)
 from ft.training.run_lock import output_dir_error
 
 log = logging.getLogger("ft")
@@ -54,7 +55,6 @@ log = logging.getLogger("ft")
 # One process saving without a process group is the intended single-GPU/CPU case.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")  # save and load
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_SUBDIR = "trainer"
 MODEL_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
 REPLACED_SUFFIX = ".replaced"  # a step being replaced by a re-save of the same step
@@ -62,18 +62,6 @@ REPLACED_SUFFIX = ".replaced"  # a step being replaced by a re-save of the same 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step}"
-
-
-def list_step_dirs(checkpoint_dir: Path) -> dict[int, Path]:
-    """Complete step directories by step (a `.tmp` one is never complete)."""
-    if not checkpoint_dir.is_dir():
-        return {}
-    steps = {}
-    for path in checkpoint_dir.iterdir():
-        match = STEP_DIR.match(path.name)
-        if match and path.is_dir():
-            steps[int(match.group(1))] = path
-    return dict(sorted(steps.items()))
 
 
 def has_trainer_state(step_dir: Path) -> bool:
@@ -91,7 +79,6 @@ def resolve_model_checkpoint(checkpoint_dir: Path, name: str) -> Path:
     `checkpoint_dir` may also be the run directory or an OUT with one run below it
     (`ft.training.run_dirs.find_checkpoint_dir`).
     """
-    from ft.training.run_dirs import find_checkpoint_dir
 
     checkpoint_dir = find_checkpoint_dir(checkpoint_dir)
     if not checkpoint_dir.is_dir():

@@ -10,9 +10,24 @@ do, the error names them.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from ft.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def list_step_dirs(checkpoint_dir: Path) -> dict[int, Path]:
+    """Complete step directories by step (a `.tmp` one is never complete)."""
+    if not checkpoint_dir.is_dir():
+        return {}
+    steps = {}
+    for path in checkpoint_dir.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            steps[int(match.group(1))] = path
+    return dict(sorted(steps.items()))
 
 log = logging.getLogger("ft")
 
@@ -42,8 +57,6 @@ def _found(asked: Path, found: Path) -> Path:
 
 
 def _has_steps(directory: Path) -> bool:
-    from ft.training.checkpoint import list_step_dirs
-
     return bool(list_step_dirs(directory))
 
 

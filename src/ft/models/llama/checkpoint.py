@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ft.errors import CheckpointError
-from ft.models.checkpoint import IGNORED_KEY, meta_shard_files
+from ft.models.checkpoint_files import IGNORED_KEY, meta_shard_files
 from ft.models.llama.model import LlamaConfig, LlamaRopeScaling
 
 def config_from_hf_dict(d: dict, *, source: str = "config.json") -> LlamaConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ft.models.family import ModelFamily
+from ft.models.family_bundle import ModelFamily
 from ft.models.llama.checkpoint import config_from_hf_dict, config_from_meta_params, iter_meta_state_dict
 from ft.models.llama.hf import hf_config_dict, hf_generation_config_dict
 from ft.models.llama.model import LLAMA_ARCHS, Llama, LlamaConfig, num_parameters, update_llama_config

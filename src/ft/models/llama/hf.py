@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ft.models.hf_export import dtype_name
+from ft.dtypes import dtype_name
 from ft.models.llama.model import LlamaConfig
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ft.errors import ConfigError
-from ft.models.family import KVCache
+from ft.models.family_bundle import KVCache
 from ft.registry import Registry
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ft.errors import CheckpointError
-from ft.models.family import ModelFamily
+from ft.models.family_bundle import ModelFamily
 from ft.models.llama.family import llama_flops_per_token, llama_tp_plan
 from ft.models.llama.hf import decoder_fields_from_hf, decoder_hf_config, hf_generation_config_dict
 from ft.models.llama.model import num_parameters
