@@ -33,7 +33,7 @@ from ft.recipes.lm_setup import (
     resolve_model_and_tokenizer, setup_run_logging, start_trainer_state, sft_validation_batches,
 )
 from ft.training.compile_choice import resolve_compile
-from ft.training.export import export_hf_model
+from ft.training.export import export_hf_model, write_hf_model_from_state
 from ft.training.metrics import device_peak_tflops, format_metrics
 from ft.training.nonfinite import NonFiniteGuard
 from ft.training.activation_offloading import offloading_loss_fn
@@ -132,9 +132,13 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         if lora is not None:
             export = functools.partial(export_lora, model, is_main=gangs.is_main, dtype=DTYPES[config.save_model_dtype],
                                        config=lora, source=source, tokenizer=tokenizer)
+        export_staged = functools.partial(write_hf_model_from_state, config=model.config,
+                                          dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer)
         path = checkpoints.save(state.step, model=model, optimizer=optimizer, extra=state.state_dict(),
-                                model_config=model_config_dict, export_model=export, model_only=config.save_model_only)
-        log.info("writing checkpoint %s in the background" if checkpoints.in_background else "saved checkpoint %s", path)
+                                model_config=model_config_dict, export_model=export, model_only=config.save_model_only,
+                                export_staged=export_staged if runner is None and lora is None else None)
+        if not checkpoints.in_background:  # the manager logs background saves, with the pause
+            log.info("saved checkpoint %s", path)
 
     recorders = open_metric_recorders(config, output_dir, gangs, start_step=state.step)
     peak_tflops, peak_source = device_peak_tflops(device, config.peak_tflops)
@@ -156,6 +160,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     saved_step = state.step if resume_step is not None else None
     progress = TrainingProgress(total=config.max_num_steps, start=state.step, enabled=gangs.is_main)
     stopped = False
+    first_step = state.step + 1
     model.train()
     with progress, StopSignal() as stop:
         while state.step < config.max_num_steps:
@@ -180,6 +185,8 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             nonfinite.end_step(stats, step_loss, grad_norm)
             state.step += 1
             step = state.step
+            if step == first_step:  # the optimizer has its state now
+                checkpoints.prepare(model, optimizer)
             stats.finish_step()
             progress.advance(step)
             if step % config.publish_metrics_every_n_steps == 0 or step == config.max_num_steps:

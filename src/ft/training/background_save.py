@@ -35,6 +35,23 @@ class CpuStager:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
+    @staticmethod
+    def layout(state: Any, path: str = "") -> dict[str, tuple[torch.Size, torch.dtype, bool]]:
+        """{path: (shape, dtype, pinned)} of the buffers `stage(state)` will copy into."""
+        if isinstance(state, torch.Tensor):
+            return {path: (state.shape, state.dtype, state.device.type == "cuda")}
+        items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) \
+            else ()
+        return {p: spec for key, item in items for p, spec in CpuStager.layout(item, f"{path}/{key}").items()}
+
+    def reserve(self, layout: dict[str, tuple[torch.Size, torch.dtype, bool]]) -> None:
+        """Allocate the buffers of `layout` ahead of the first save: pinning gigabytes of
+        host memory takes seconds, which belong on a worker thread, not in a save's pause."""
+        for path, (shape, dtype, pin) in layout.items():
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+                self._buffers[path] = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
+
     def stage(self, state: Any) -> Any:
         synchronize: set[torch.device] = set()
         staged = self._copy(state, "", synchronize)
@@ -70,7 +87,7 @@ class BackgroundSaver:
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ft-checkpoint")
-        self._pending: tuple[int, Future] | None = None
+        self._pending: tuple[int | None, Future] | None = None
 
     def submit(self, step: int, write: Callable[[], None]) -> None:
         self.wait()
@@ -80,6 +97,11 @@ class BackgroundSaver:
             log.info("saved checkpoint step_%d", step)
 
         self._pending = (step, self._executor.submit(write_and_log))
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Run `job` (not a save) on the worker thread; the next save waits for it."""
+        self.wait()
+        self._pending = (None, self._executor.submit(job))
 
     @property
     def pending_step(self) -> int | None:
@@ -91,7 +113,7 @@ class BackgroundSaver:
             return
         step, future = self._pending
         self._pending = None
-        if not future.done():
+        if not future.done() and step is not None:
             log.info("waiting for checkpoint step_%d to finish writing", step)
         future.result()
 
@@ -100,3 +122,19 @@ class BackgroundSaver:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+
+
+def layout_bytes(layout: dict[str, tuple[torch.Size, torch.dtype, bool]]) -> int:
+    return sum(shape.numel() * dtype.itemsize for shape, dtype, _ in layout.values())
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -29,6 +29,7 @@ import logging
 import pickle
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -38,10 +39,12 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+)
 
 from ft.errors import CheckpointDamagedError, CheckpointError, OutputDirError
-from ft.training.background_save import BackgroundSaver, CpuStager
+from ft.training.background_save import BackgroundSaver, CpuStager, available_host_memory, layout_bytes
 from ft.training.extra_state import ExtraStateError, load_extra_state, save_extra_state
 from ft.training.manifest import (
     MANIFEST_NAME, FileRecord, Manifest, ManifestError, fsync_dir, has_incomplete_marker, read_manifest,
@@ -58,6 +61,9 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 TRAINER_SUBDIR = "trainer"
 MODEL_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
 REPLACED_SUFFIX = ".replaced"  # a step being replaced by a re-save of the same step
+# Host copies of the trainer state stay for the whole run: past this share of the
+# available memory, saves write from the device on the loop instead.
+MAX_STAGING_SHARE_OF_HOST_MEMORY = 0.5
 
 
 def step_dir_name(step: int) -> str:
@@ -138,6 +144,7 @@ class CheckpointManager:
         self._verified: set[int] = set()
         self._background = BackgroundSaver() if background else None
         self._stager = CpuStager() if background and single_process else None
+        self._staging_checked = False
 
     @property
     def in_background(self) -> bool:
@@ -205,29 +212,38 @@ class CheckpointManager:
         model_config: dict[str, Any],
         export_model: Callable[[Path], Callable[[], None] | None],
         model_only: bool = False,
+        export_staged: Callable[[Path, dict[str, torch.Tensor]], None] | None = None,
     ) -> Path:
         """Write step_N atomically. `export_model(dir)` writes the HF-layout model (collective);
         it may instead gather it and return the write, which then runs with the rest of the
-        save (in the background when the manager has `background=True`). `model_only`: no
-        trainer state (a run cannot resume from such a step)."""
+        save (in the background when the manager has `background=True`). `export_staged(dir,
+        state)`, when given, writes the model from the host copy of its full state dict
+        instead, where the manager made one (one process, background saves): no second
+        copy out of the device. `model_only`: no trainer state (a run cannot resume from
+        such a step)."""
         self.wait()  # one save in flight at a time
+        paused = time.perf_counter()
         final = self.dir / step_dir_name(step)
         tmp = self.dir / (step_dir_name(step) + ".tmp")
         write_state: Callable[[], Any] | None = None
+        write_model: Callable[[], Any] | None = None
         try:
             if self.is_main:
                 self._start_tmp(step, tmp, trainer=not model_only)
             self.barrier()
-            if not model_only:
-                model_state, optimizer_state = get_state_dict(model, optimizer, options=self.state_dict_options)
-                state = {"model": model_state, "optimizer": optimizer_state}
-                trainer_id = str(tmp / TRAINER_SUBDIR)
-                if self._stager is not None:
-                    staged = self._stager.stage(state)
-                    write_state = functools.partial(dcp.save, staged, checkpoint_id=trainer_id)
-                else:
-                    dcp.save(state, checkpoint_id=trainer_id)
-            write_model = export_model(tmp)
+            self._check_staging(model, optimizer)
+            staged_model: dict[str, torch.Tensor] | None = None
+            if self._stager is not None:
+                staged = self._stager.stage(self._state(model, optimizer, model_only=model_only))
+                if not model_only:
+                    write_state = functools.partial(dcp.save, staged, checkpoint_id=str(tmp / TRAINER_SUBDIR))
+                staged_model = staged["model"] if not self._trainable_only else None
+            elif not model_only:
+                dcp.save(self._state(model, optimizer, model_only=False), checkpoint_id=str(tmp / TRAINER_SUBDIR))
+            if staged_model is not None and export_staged is not None:
+                write_model = functools.partial(export_staged, tmp, staged_model)
+            else:
+                write_model = export_model(tmp)
             if self.is_main and not model_only:
                 save_extra_state(extra, tmp / TRAINER_SUBDIR)
                 (tmp / TRAINER_SUBDIR / "model_config.json").write_text(json.dumps(model_config, indent=2))
@@ -253,10 +269,44 @@ class CheckpointManager:
 
         if self._background is not None:
             self._background.submit(step, finish)
+            log.info("writing checkpoint %s in the background (training paused %.1f s for it)", final,
+                     time.perf_counter() - paused)
         else:
             finish()
             self.barrier()
         return final
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Allocate the host buffers of background saves now, on the worker thread (call
+        once the optimizer has its state, e.g. after the first step), so that the first
+        save's pause is a copy, not seconds of pinning memory."""
+        self._check_staging(model, optimizer)
+        if self._stager is not None and self._background is not None:
+            layout = CpuStager.layout(self._state(model, optimizer, model_only=False))
+            self._background.run(functools.partial(self._stager.reserve, layout))
+
+    def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, model_only: bool) -> dict[str, Any]:
+        if model_only:
+            return {"model": get_model_state_dict(model, options=self.state_dict_options)}
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=self.state_dict_options)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    @property
+    def _trainable_only(self) -> bool:
+        return self.state_dict_options.ignore_frozen_params
+
+    def _check_staging(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Once: keep host copies only where they fit beside everything else in host memory."""
+        if self._staging_checked or self._stager is None:
+            return
+        self._staging_checked = True
+        needed = layout_bytes(CpuStager.layout(self._state(model, optimizer, model_only=False)))
+        available = available_host_memory()
+        if available is not None and needed > MAX_STAGING_SHARE_OF_HOST_MEMORY * available:
+            log.warning("trainer state (%.1f GiB) is too large to copy to host memory (%.1f GiB available): "
+                        "checkpoints write it from the device, pausing training for the write", needed / 2**30,
+                        available / 2**30)
+            self._stager = None
 
     def _start_tmp(self, step: int, tmp: Path, *, trainer: bool = True) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

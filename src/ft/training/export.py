@@ -39,3 +39,11 @@ def export_hf_model(model: nn.Module, directory: Path, *, is_main: bool, dtype: 
     else:
         for _ in items:  # take part in the gathers
             pass
+
+
+def write_hf_model_from_state(directory: Path, state: dict[str, torch.Tensor], *, config: Any, dtype: torch.dtype,
+                              tokenizer: Any = None) -> None:
+    """Write a host copy of a model's full state dict (one process: `get_state_dict`'s
+    names are the model's own) to `directory` in the HF layout, cast to `dtype` one
+    tensor at a time."""
+    save_hf_state_dict(state.items(), config, directory, dtype=dtype, tokenizer=tokenizer)
