@@ -10,7 +10,8 @@ train_throughput.py (workload c), and workload c's shapes (rows of 2048, 16384
 tokens per step) so the number compares with `ft_mixed_compile_packed` /
 `ft_bf16_compile_packed` of `train_throughput.py --workload c`. Steady state: the
 median over publish windows after the first two (compilation, allocator growth).
-Checkpoint stall: the window holding the save minus the median window.
+Checkpoint stall: the window holding the save minus the median window (the save's pause
+and the background writer's contention); `checkpoint_pauses_s`: the pauses the recipe logs.
 Prints the result JSON and writes it to --out.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "steady_tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
         "steady_mfu": statistics.median(r["mfu"] for r in steady) if all("mfu" in r for r in steady) else None,
         "checkpoint_stall_s": (save_window["elapsed_s"] - median_elapsed) if save_window else None,
+        # what the recipe logs: the save's own pause, without the background writer's contention
+        "checkpoint_pauses_s": [float(m) for m in re.findall(r"training paused ([\d.]+) s", run.stderr)],
         "wall_s": wall,
     }
     text = json.dumps(result, indent=2)
