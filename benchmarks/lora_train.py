@@ -38,6 +38,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import memory_profile  # noqa: E402
 import torch  # noqa: E402
 
 from ft.gang import setup_gangs, teardown_gangs  # noqa: E402
@@ -190,6 +191,9 @@ def run_variant(variant: Variant, config: Any, spec: dict[str, Any], gangs: Any,
     result = {"name": variant.name, "status": "ok", **dataclasses.asdict(variant), "trainable_params": lora_params,
               **timing.summary(peak_tflops=ctx["peak_tflops"], spec_tflops=ctx["spec_tflops"]),
               **common.peak_memory(device)}
+    if args.profile_memory:
+        result["memory_profile"] = memory_profile.profile_peak(step, device)
+        result["memory_by_tensor_kind"] = memory_profile.largest_tensors(model)
     lora_count = lora_flops_per_token(config, spec["seq_len"], lora_params)
     scale = lora_count / model_flops_per_token(config, spec["seq_len"])
     for key in ("mfu_measured_peak", "mfu_spec_peak"):
@@ -203,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
     parser.add_argument("--variants", default="default", help="comma-separated names, or 'default'")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per step (throughput default 2)")
+    parser.add_argument("--profile-memory", action="store_true",
+                        help="one more step with the allocator's history: what is alive at the peak")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
     warmup, steps = common.resolve_steps(args)

@@ -34,6 +34,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import memory_profile  # noqa: E402
 import torch  # noqa: E402
 
 from ft.gang import setup_gangs, teardown_gangs  # noqa: E402
@@ -161,7 +162,7 @@ def run_variant(variant: Variant, config: Any, shapes: dict, gangs: Any, args: a
     predicted = predict_memory(memory_plan(config, keys, batch.num_tokens), shapes)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        fraction = min(1.0, args.cap_gb * 1e9 / total) if variant.capped else 1.0
+        fraction = min(1.0, args.cap_gb * 1e9 / total) if variant.capped and not args.no_cap else 1.0
         torch.cuda.set_per_process_memory_fraction(fraction, device)
     start = time.perf_counter()
     step, model = make_step(config, keys, gangs, args, batch)
@@ -174,6 +175,8 @@ def run_variant(variant: Variant, config: Any, shapes: dict, gangs: Any, args: a
     measured = result.get("peak_memory_allocated_gib")
     if measured:
         result["prediction_error_pct"] = 100 * (result["predicted_peak_gib"] - measured) / measured
+    if args.profile_memory:
+        result["memory_profile"] = memory_profile.profile_peak(step, device)
     del model, step
     return result
 
@@ -186,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the blocks")
+    parser.add_argument("--no-cap", action="store_true", help="run capped variants without their cap (to profile them)")
+    parser.add_argument("--profile-memory", action="store_true",
+                        help="one more step with the allocator's history: what is alive at the peak")
     common.add_common_args(parser)
     args = parser.parse_args(argv)
     warmup, steps = common.resolve_steps(args)
