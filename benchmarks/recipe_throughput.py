@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gsm8k", type=Path, default=_default_gsm8k())
     parser.add_argument("--preset", default="llama3_2_1b")
+    parser.add_argument("--arch", default="llama3_2_1b", help="the model's arch (random weights)")
+    parser.add_argument("--max-num-tokens", type=int, default=16384, help="tokens per step (rows of 2048)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--publish-every", type=int, default=5)
     parser.add_argument("--checkpoint-at", type=int, default=40, help="step of the checkpoint whose stall is measured")
@@ -52,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         cards = tmp / "cards"
         cards.mkdir()
-        arch = "ft_tiny" if args.tiny else "llama3_2_1b"
+        arch = "ft_tiny" if args.tiny else args.arch
         (cards / "bench.yaml").write_text(f"name: bench_model\nmodel_family: llama\nmodel_arch: {arch}\n")
         train_gsm8k_tokenizer(args.gsm8k, tmp / "tok", vocab_size=400 if args.tiny else 4500)
-        seq, tokens = (256, 512) if args.tiny else (2048, 16384)
+        seq, tokens = (256, 512) if args.tiny else (2048, args.max_num_tokens)
         overrides = [
             "model=bench_model", f"tokenizer={tmp / 'tok'}", f"dataset={args.gsm8k}", "dataset_format=gsm8k",
             f"max_seq_len={seq}", f"max_num_tokens={tokens}", f"max_num_steps={args.steps}",
@@ -92,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_stall_s": (save_window["elapsed_s"] - median_elapsed) if save_window else None,
         # what the recipe logs: the save's own pause, without the background writer's contention
         "checkpoint_pauses_s": [float(m) for m in re.findall(r"training paused ([\d.]+) s", run.stderr)],
+        # parallel_plan=auto and the memory model: the prediction (first line) against the measured peak
+        "predicted_peak_memory_gib": next((r["predicted_peak_memory_gib"] for r in rows
+                                           if "predicted_peak_memory_gib" in r), None),
+        "measured_peak_memory_gib": max((r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r), default=None),
+        "plan_lines": [line for line in run.stderr.splitlines() if "parallel plan:" in line],
         "wall_s": wall,
     }
     text = json.dumps(result, indent=2)
