@@ -138,3 +138,25 @@ def test_fused_loss_under_bf16_autocast_matches_float32():
     torch.testing.assert_close(fused, reference, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(g_hidden, hidden.grad, rtol=5e-2, atol=5e-3)
     torch.testing.assert_close(g_weight, head.weight.grad, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_fused_loss_gradients_under_a_scaled_loss_and_a_frozen_head(frozen_head):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    head.weight.requires_grad_(not frozen_head)
+    hidden = torch.randn(2, 12, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 12))
+    labels[0, :3] = -100
+    (3.0 * chunked_cross_entropy_sum(hidden, head, labels, chunk_size=5)).backward()
+    got_hidden = hidden.grad.clone()
+    got_weight = None if head.weight.grad is None else head.weight.grad.clone()
+    hidden.grad = None
+    reference = 3.0 * cross_entropy_sum(head(hidden), labels)
+    reference.backward()
+    torch.testing.assert_close(got_hidden, hidden.grad, rtol=1e-5, atol=1e-6)
+    if frozen_head:
+        assert got_weight is None
+    else:
+        want = torch.autograd.grad(3.0 * cross_entropy_sum(head(hidden.detach()), labels), head.weight)[0]
+        torch.testing.assert_close(got_weight, want, rtol=1e-5, atol=1e-6)

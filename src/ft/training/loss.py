@@ -128,8 +128,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden_ND.dtype
         hidden_ND = hidden_ND.to(compute_dtype)
         weight = weight_VD.to(compute_dtype)
-        # fp32 master weights get an fp32 gradient accumulator; bf16 weights keep bf16.
-        grad_weight = torch.zeros_like(weight_VD)
+        # fp32 master weights get an fp32 gradient accumulator; bf16 weights keep bf16. A frozen
+        # head (LoRA) gets none: vocab x dim of zeros kept until backward is a GiB on an 8B model.
+        grad_weight = torch.zeros_like(weight_VD) if ctx.needs_input_grad[1] else None
         grad_hidden = torch.empty_like(hidden_ND)  # in the compute dtype; autograd casts it back
         loss = hidden_ND.new_zeros((), dtype=torch.float32)
         chunk = _chunk_fn(hidden_ND.device)
@@ -139,7 +140,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_c, grad_hidden_c, grad_logits_CV = chunk(hidden_CD, weight, labels_N[start:end])
             loss += loss_c
             grad_hidden[start:end] = grad_hidden_c
-            if grad_weight.dtype == grad_logits_CV.dtype:
+            if grad_weight is None:
+                pass
+            elif grad_weight.dtype == grad_logits_CV.dtype:
                 grad_weight.addmm_(grad_logits_CV.t(), hidden_CD)
             else:  # fp32 master weights, bf16 compute: accumulate in fp32
                 grad_weight += (grad_logits_CV.t() @ hidden_CD).to(grad_weight.dtype)
@@ -149,4 +152,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
+        # In place: the gradients were made for this backward alone (the graph is not
+        # retained), and a scaled copy of the head's gradient is another vocab x dim.
+        if grad_weight is not None:
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight, None, None
