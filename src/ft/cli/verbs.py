@@ -17,12 +17,14 @@ def register_commands(groups: Registry[CommandGroup]) -> None:
     from ft.models.family import all_families
     from ft.recipes.generate import GENERATE_COMMAND
     from ft.recipes.instruction_finetune import INSTRUCTION_FINETUNE_COMMAND
+    from ft.recipes.merge_lora import MERGE_LORA_COMMAND
     from ft.recipes.preference_finetune import PREFERENCE_FINETUNE_COMMAND
 
     lm = groups.register("lm", _group("lm", "language model recipes (fine-tuning, generation)"))
     lm.commands.register("instruction_finetune", INSTRUCTION_FINETUNE_COMMAND)
     lm.commands.register("generate", GENERATE_COMMAND)
     lm.commands.register("preference_finetune", PREFERENCE_FINETUNE_COMMAND)
+    lm.commands.register("merge_lora", MERGE_LORA_COMMAND)
 
     for family in all_families():  # every registered family gets the same verbs
         group = groups.register(family.name, _group(family.name, f"{family.name} model family utilities"))

@@ -70,20 +70,29 @@ def load_adapter_weights(model: nn.Module, state: Mapping[str, Tensor], *, sourc
     config; every rank copies its own shard. Every trainable tensor must be in `state`
     and every tensor of `state` must be trainable in the model."""
     params = dict(trainable_parameters(model))
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    if unexpected:
-        raise CheckpointError(f"adapter tensor {unexpected[0]!r} in {source} matches no adapter of the model")
-    if missing:
-        raise CheckpointError(f"adapter tensor {missing[0]!r} is missing from {source}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    check_adapter_tensors({name: param.shape for name, param in params.items()}, state, source=source)
     for name, param in params.items():
         tensor = state[name]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(f"adapter tensor {name!r} in {source} has shape {list(tensor.shape)}, the model "
-                                  f"expects {list(param.shape)}: the adapter was trained on a different model")
         local, slices = _local_view(param)
         local.copy_(tensor[slices] if slices is not None else tensor)
+
+
+def check_adapter_tensors(shapes: Mapping[str, torch.Size], state: Mapping[str, Tensor], *, source: Path,
+                          require_all: bool = True) -> None:
+    """CheckpointError unless each tensor of `state` is one of `shapes` (the model's adapter
+    tensors, by ft name) with its shape, and, with `require_all`, each of `shapes` is in `state`."""
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    if unexpected:
+        raise CheckpointError(f"adapter tensor {unexpected[0]!r} in {source} matches no adapted layer of the "
+                              "model: the adapter was trained on a different model")
+    if missing and require_all:
+        raise CheckpointError(f"adapter tensor {missing[0]!r} is missing from {source}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(shapes[name]):
+            raise CheckpointError(f"adapter tensor {name!r} in {source} has shape {list(tensor.shape)}, the model "
+                                  f"expects {list(shapes[name])}: the adapter was trained on a different model")
 
 
 def create_model_with_adapter(source: Any, *, device: torch.device, dtype: torch.dtype,
@@ -117,5 +126,5 @@ def check_adapter_matches(config: LoraConfig, adapter_dir: Path) -> dict[str, Te
     return state
 
 
-__all__ = ["adapter_source", "check_adapter_matches", "create_model_with_adapter", "is_adapter_dir",
-           "load_adapter_weights", "recorded_base"]
+__all__ = ["adapter_source", "check_adapter_matches", "check_adapter_tensors", "create_model_with_adapter",
+           "is_adapter_dir", "load_adapter_weights", "recorded_base"]

@@ -84,6 +84,26 @@ def merge_tensors(base: Iterable[tuple[str, Tensor]], adapter: Mapping[str, Tens
                               + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""))
 
 
+def check_adapter_fits(model_config: Any, config: LoraConfig, adapter: Mapping[str, Tensor], *, source: Path) -> None:
+    """CheckpointError, before any tensor is read, when the adapter (`config`, tensors by ft
+    name) does not fit the model `model_config` describes: an adapted layer it lacks, or a shape."""
+    from ft.lora.adapter_model import check_adapter_tensors
+    from ft.lora.apply import adaptable_module_names, apply_lora, trainable_parameters
+    from ft.lora.peft_io import ADAPTER_CONFIG
+    from ft.models.family import build_meta_model
+
+    model = build_meta_model(model_config, torch.float32)  # shapes only: nothing is allocated
+    valid = adaptable_module_names(model)
+    unknown = [name for name in config.target_modules if name not in valid]
+    if unknown:
+        raise CheckpointError(f"{source / ADAPTER_CONFIG}: target_modules {unknown[0]!r} is not a linear layer of the "
+                              f"base model's blocks ({', '.join(valid)}): the adapter was trained on a different model")
+    apply_lora(model, config, base_dtype=torch.float32)
+    # A PEFT adapter may adapt only some layers (layers_to_transform): missing tensors merge as zero.
+    check_adapter_tensors({name: p.shape for name, p in trainable_parameters(model)}, adapter, source=source,
+                          require_all=False)
+
+
 def merge_adapter(base: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   dtype: torch.dtype = torch.bfloat16, tokenizer: Any = None) -> Path:
     """Merge the PEFT adapter in `adapter_dir` into `base` (a model card or checkpoint path)
@@ -98,6 +118,7 @@ def merge_adapter(base: str | os.PathLike, adapter_dir: str | os.PathLike, out_d
     out = Path(out_dir)
     if out.resolve() in (Path(adapter_dir).resolve(), Path(checkpoint).resolve()):
         raise CheckpointError(f"the merged model must go to a new directory, not {out}")
+    check_adapter_fits(source.config, config, adapter, source=Path(adapter_dir))
     base_items = iter_checkpoint_tensors(checkpoint, source.config)
     save_hf_state_dict(merge_tensors(base_items, adapter, config), source.config, out, dtype=dtype,
                        tokenizer=tokenizer)
