@@ -1,6 +1,7 @@
 """The optimizer registry and the per-parameter savers on small modules (CPU, float32)."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -144,15 +145,14 @@ def test_stochastic_rounding_keeps_updates_smaller_than_bf16_resolution():
     assert abs(run(True) - (1.0 - 100 * 1e-4)) < 1e-3
 
 
-def test_low_bit_optimizers_need_torchao():
-    model = small_model()
-    try:
-        import torchao  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match="pip install torchao"):
-            build_optimizer(model, OptimizerSettings(name="adamw8bit", learning_rate=1e-3))
-    else:
-        pytest.skip("torchao is installed: the GPU benchmark exercises it")
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
+def test_low_bit_optimizers_need_torchao(monkeypatch, name):
+    """Without torchao (None in sys.modules makes its import fail, installed or not); with it,
+    tests/training/test_low_bit_optimizers.py trains."""
+    for module in ("torchao", "torchao.optim", "torchao.prototype", "torchao.prototype.low_bit_optim"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ConfigError, match=f"'optimizer': {name} needs torchao.*pip install torchao.*optimizer=adamw"):
+        build_optimizer(small_model(), OptimizerSettings(name=name, learning_rate=1e-3))
 
 
 def test_unknown_optimizer_names_the_choices():

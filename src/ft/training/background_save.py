@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 log = logging.getLogger("ft")
 
@@ -30,7 +31,9 @@ class CpuStager:
     loop will not touch again: pinned buffers when the state is on an accelerator
     (one device sync for the whole state), reused across saves by their position
     in the state; non-tensor leaves are deep-copied (optimizer hyper-parameters
-    change every step)."""
+    change every step). A tensor subclass (torchao's quantized optimizer states)
+    is staged as the same subclass over host copies of its inner tensors: copying
+    it into a plain buffer would dequantize it, and the resumed run would differ."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
@@ -38,6 +41,10 @@ class CpuStager:
     @staticmethod
     def layout(state: Any, path: str = "") -> dict[str, tuple[torch.Size, torch.dtype, bool]]:
         """{path: (shape, dtype, pinned)} of the buffers `stage(state)` will copy into."""
+        if is_traceable_wrapper_subclass(state):
+            names, _ = state.__tensor_flatten__()
+            return {p: spec for name in names
+                    for p, spec in CpuStager.layout(getattr(state, name), f"{path}.{name}").items()}
         if isinstance(state, torch.Tensor):
             return {path: (state.shape, state.dtype, state.device.type == "cuda")}
         items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) \
@@ -71,6 +78,10 @@ class CpuStager:
 
     def _copy_tensor(self, tensor: torch.Tensor, path: str, synchronize: set[torch.device]) -> torch.Tensor:
         tensor = tensor.detach()
+        if is_traceable_wrapper_subclass(tensor):
+            names, context = tensor.__tensor_flatten__()
+            inner = {name: self._copy_tensor(getattr(tensor, name), f"{path}.{name}", synchronize) for name in names}
+            return type(tensor).__tensor_unflatten__(inner, context, tensor.size(), tensor.stride())
         pin = tensor.device.type == "cuda"
         buffer = self._buffers.get(path)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:

@@ -4,7 +4,8 @@ the optimizer memory savers to them.
 `OPTIMIZERS` (filled by `register_optimizers`):
 - `adamw`: torch's AdamW (fused on GPU); states: 2 tensors of the parameter's dtype;
 - `adamw8bit`, `adamw4bit`: AdamW with block-quantized states (torchao.optim);
-  about 2 and 1 bytes of state per parameter;
+  about 2 and 1 bytes of state per parameter (docs/optimizers.md: how closely they
+  follow AdamW);
 - `adafactor`: torch's Adafactor (factored second moment, no first moment): a few
   bytes per row and column of each matrix. `learning_rate` is its relative step
   size (torch's semantics: the update is scaled by the parameter's RMS); `betas`
@@ -30,7 +31,7 @@ from ft.errors import ConfigError
 from ft.registry import Registry
 from ft.training.optimizer_in_backward import PerParameterOptimizer
 
-TORCHAO_HINT = "pip install torchao (a release built for your torch; see docs/benchmarks.md)"
+TORCHAO_HINT = "pip install torchao (a release built for your torch; see docs/optimizers.md)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +83,7 @@ def _torchao_optim(name: str):
 
 def _make_low_bit(cls_name: str):
     def make(groups, settings: OptimizerSettings, on_cuda: bool) -> torch.optim.Optimizer:
-        cls = getattr(_torchao_optim(cls_name), cls_name)
+        cls = getattr(_torchao_optim(settings.name), cls_name)
         return cls(groups, lr=settings.learning_rate, betas=settings.betas, eps=settings.eps,
                    bf16_stochastic_round=settings.stochastic_rounding)
 
@@ -101,8 +102,8 @@ def _adam_state_bytes(shape: tuple[int, ...], element_size: int) -> float:
 def _quantized_state_bytes(bits: int, block_size: int):
     def state_bytes(shape: tuple[int, ...], element_size: int) -> float:
         numel = math.prod(shape)
-        if numel < 4096:  # torchao keeps small tensors' states in full precision
-            return 2 * numel * 4
+        if numel < 4096 or numel % block_size:  # torchao keeps these states unquantized, in the parameter's dtype
+            return 2 * numel * element_size
         return 2 * numel * (bits / 8 + 4 / block_size)
 
     return state_bytes
