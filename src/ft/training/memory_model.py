@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from ft.training.adafactor import DEFAULT_MAX_CHUNK_NUMEL
+
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_CONTEXT_BYTES = 0.5 * GIB
@@ -161,7 +163,9 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         gradients = trainable * grad_bytes / shard
 
     kind = OPTIMIZERS.get(plan.optimizer, key="optimizer")
-    state_element = 4 if plan.stochastic_rounding and not kind.native_stochastic_rounding else param_bytes
+    float32_states = plan.stochastic_rounding and (not kind.native_stochastic_rounding
+                                                   or kind.float32_states_when_rounding)
+    state_element = 4 if float32_states else param_bytes
     if plan.optimizer_cpu_offload:
         states = 0.0
     else:
@@ -169,10 +173,12 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
 
     per_parameter = plan.optimizer_in_backward or plan.optimizer_cpu_offload or (
         plan.stochastic_rounding and not kind.native_stochastic_rounding)
-    if per_parameter:
+    if plan.optimizer == "adafactor" and not plan.optimizer_cpu_offload:
+        # ft's Adafactor: a few float32 temporaries of one row block (sharded tensors are stepped whole)
+        block = largest / shard if fsdp else min(largest, DEFAULT_MAX_CHUNK_NUMEL)
+        step_transient = 4 * 4 * block
+    elif per_parameter:
         step_transient = largest * 8 / shard if (plan.stochastic_rounding or plan.optimizer_cpu_offload) else 0.0
-    elif plan.optimizer == "adafactor":
-        step_transient = trainable * grad_bytes / shard  # torch's foreach Adafactor copies the gradients
     else:
         step_transient = 0.0
 

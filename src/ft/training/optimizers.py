@@ -7,7 +7,9 @@ the optimizer memory savers to them.
   about 2 and 1 bytes of state per parameter (docs/optimizers.md: how closely they
   follow AdamW);
 - `adafactor`: torch's Adafactor (factored second moment, no first moment): a few
-  bytes per row and column of each matrix. `learning_rate` is its relative step
+  bytes per row and column of each matrix; stepped by `ft.training.adafactor` (the
+  same rule and state, without host syncs, in row blocks, rounding stochastically
+  itself). `learning_rate` is its relative step
   size (torch's semantics: the update is scaled by the parameter's RMS); `betas`
   and `eps` are not used.
 
@@ -20,6 +22,8 @@ refused, with the reason; the recipe config calls it.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -59,6 +63,8 @@ class OptimizerKind:
     """Bytes of state for a parameter of this shape whose states are `element_size` bytes wide."""
     native_stochastic_rounding: bool = False
     """Rounds bf16 parameters stochastically itself (no per-parameter wrapper needed)."""
+    float32_states_when_rounding: bool = False
+    """With stochastic rounding, its states are float32 (as the wrapper's are)."""
     needs: str | None = None
     """The optional package it imports, for error messages."""
 
@@ -91,8 +97,11 @@ def _make_low_bit(cls_name: str):
 
 
 def _make_adafactor(groups, settings: OptimizerSettings, on_cuda: bool) -> torch.optim.Optimizer:
-    # torch's Adafactor reads each parameter's RMS with .item(): a host sync per parameter.
-    return torch.optim.Adafactor(groups, lr=settings.learning_rate)
+    # torch's update rule and state, without its host syncs and full-size temporaries
+    from ft.training.adafactor import Adafactor
+
+    return Adafactor(groups, lr=settings.learning_rate, stochastic_rounding=settings.stochastic_rounding,
+                     seed=settings.seed)
 
 
 def _adam_state_bytes(shape: tuple[int, ...], element_size: int) -> float:
@@ -124,7 +133,8 @@ def register_optimizers(optimizers: Registry[OptimizerKind]) -> None:
     optimizers.register("adamw4bit", OptimizerKind(make=_make_low_bit("AdamW4bit"), needs="torchao",
                                                    state_bytes=_quantized_state_bytes(4, 128),
                                                    native_stochastic_rounding=True))
-    optimizers.register("adafactor", OptimizerKind(make=_make_adafactor, state_bytes=_adafactor_state_bytes))
+    optimizers.register("adafactor", OptimizerKind(make=_make_adafactor, state_bytes=_adafactor_state_bytes,
+                                                   native_stochastic_rounding=True, float32_states_when_rounding=True))
 
 
 OPTIMIZERS: Registry[OptimizerKind] = Registry("optimizer")
@@ -200,8 +210,14 @@ def build_optimizer(model: nn.Module, settings: OptimizerSettings, *, dp_size: i
     wrapper_rounds = settings.stochastic_rounding and not kind.native_stochastic_rounding
     if not (settings.in_backward or settings.cpu_offload or wrapper_rounds):
         return kind.make(groups, settings, on_cuda)
+    inner_seeds = itertools.count()
+
+    def make_inner(inner_groups):  # one parameter each: its own rounding seed
+        inner_settings = dataclasses.replace(settings, seed=hash((settings.seed, next(inner_seeds))) & (2**62 - 1))
+        return kind.make(inner_groups, inner_settings, on_cuda and not settings.cpu_offload)
+
     return PerParameterOptimizer(
-        groups, lambda inner_groups: kind.make(inner_groups, settings, on_cuda and not settings.cpu_offload),
+        groups, make_inner,
         in_backward=settings.in_backward, cpu_offload=settings.cpu_offload, stochastic_rounding=wrapper_rounds,
         seed=settings.seed,
     )
