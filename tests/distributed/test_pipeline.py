@@ -3,8 +3,9 @@
 Each worker trains the tiny tied model (random init, float32) for two AdamW steps
 through its pipeline and also, alone, the whole model on the same micro-batches with
 `accumulate_gradients`: the step losses, grad norms and the weights each rank holds
-must agree (relative 1e-6 on losses). Also: stage splits keep the full model's
-names, and the layouts that cannot work fail before any work.
+must agree (relative 1e-6 on losses), on pp=2, pp=2 x dp=2 and pp=2 x tp=2. Also:
+stage splits keep the full model's names, and the layouts that cannot work fail
+before any work.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from ft.models.llama.model import get_llama_arch
 from ft.models.pipeline import check_pipeline_layout, pipeline_stages, split_layers
 
 LOSS_RTOL = 1e-6
+# Weights after two AdamW steps: pipeline stages alone reproduce them to ~1e-6; TP splits
+# the matmuls' float32 sums, and Adam's first steps turn those ~1e-6 relative gradient
+# differences into ~1e-4 for near-zero gradients (tp=2 without stages gives the same).
+WEIGHT_ATOL = {"pp": 2e-5, "tp": 2e-4}
 
 
 def _config():
@@ -129,8 +134,9 @@ def _check_schedule(config, gangs, schedule: str, micro: int, start) -> None:
     assert norms == pytest.approx(ref_norms, rel=1e-5), (norms, ref_norms)
     want = dict(reference.state_dict())
     assert held and set(held) <= set(want)
+    atol = WEIGHT_ATOL["tp" if gangs.tp.size > 1 else "pp"]
     for name, tensor in held.items():
-        torch.testing.assert_close(tensor, want[name], atol=2e-5, rtol=0, msg=name)
+        torch.testing.assert_close(tensor, want[name], atol=atol, rtol=0, msg=name)
     # validation: this rank's share only (dp ranks see the same batches here), summed over dp
     from ft.training.step import next_token_loss
 
@@ -181,3 +187,8 @@ def test_world_not_divisible_by_stages():
     with pytest.raises(ConfigError, match="pipeline_parallel_size=3 does not divide the 4 processes"):
         check_layout(4, tensor_parallel_size=1, replicas=1, pipeline_parallel_size=3)
     assert check_layout(8, tensor_parallel_size=2, replicas=1, pipeline_parallel_size=2) == 2
+
+
+def test_pp2_x_tp2_matches_one_process(tmp_path):
+    run_distributed(_pipeline_worker, 4, 2, 2, ["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"], 2,
+                    str(tmp_path))

@@ -1,6 +1,6 @@
-"""`ft lm instruction_finetune` with pipeline stages, on 2 gloo processes via torchrun.
+"""`ft lm instruction_finetune` with pipeline stages, on 2 and 4 gloo processes via torchrun.
 
-pp=2 (1f1b, gradient_accumulation=2) trains like one process with
+pp=2 (1f1b, gradient_accumulation=2), and pp=2 x tp=2, train like one process with
 gradient_accumulation=2: loss curve, grad norms, validation, and the HF model each
 checkpoint exports (gathered from both stages). A checkpoint saved on pp=2 resumes
 on dp=2 and one saved on dp=2 resumes on pp=2 (DCP reshards: the stages keep the
@@ -29,6 +29,13 @@ def test_pp2_matches_one_process_with_accumulation(runs):
     reference = runs.one_process_accumulating_2()
     assert_same_curve(out, reference)
     assert_same_weights(out, reference, atol=WEIGHT_ATOL["dp"])
+
+
+def test_pp2_x_tp2_matches_one_process_with_accumulation(runs):
+    out = runs.get("pp2_tp2", 4, *PP2, "tensor_parallel_size=2")
+    reference = runs.one_process_accumulating_2()
+    assert_same_curve(out, reference)
+    assert_same_weights(out, reference, atol=WEIGHT_ATOL["tp"])
 
 
 @pytest.mark.parametrize("source, overrides", [("pp2", ()), ("fsdp_dp2", PP2)], ids=["pp2_as_dp2", "dp2_as_pp2"])

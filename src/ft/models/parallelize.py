@@ -168,6 +168,7 @@ def parallelize_model(
         plan = family_of(model).tp_plan(loss_parallel)
         if sequence_parallel:
             plan = sequence_parallel_plan(plan)
+        plan = _present_in(model, plan)
         parallelize_module(model, gangs.tp_mesh, _module_styles(model, plan))
         if sequence_parallel and hasattr(model.model, "norm"):
             # The trainer's loss reads the final norm's output whole (chunked through lm_head).
@@ -239,27 +240,36 @@ def sequence_parallel_plan(plan: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _matches(pattern: str, name: str) -> bool:
+    """parallelize_module's rule: `*` within one name part."""
+    import fnmatch
+
+    parts, atoms = name.split("."), pattern.split(".")
+    return len(parts) == len(atoms) and all(fnmatch.fnmatchcase(p, a) for p, a in zip(parts, atoms))
+
+
+def _present_in(model: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
+    """`plan` without the patterns no module of `model` matches: a pipeline stage holds
+    only some of the model (torch would warn, printing the module, for each)."""
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    return {pattern: style for pattern, style in plan.items() if any(_matches(pattern, name) for name in names)}
+
+
 def _module_styles(model: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
     """`plan` with each module that wraps a linear (a LoRA adapter) given the style it
     asks for: such a module has `parallel_style(style)`, called with the style its
     pattern gives. Patterns that match one are expanded to explicit module names."""
-    import fnmatch
-
     wrapped = {name: m for name, m in model.named_modules() if hasattr(m, "parallel_style")}
     if not wrapped:
         return plan
 
-    def matches(pattern: str, name: str) -> bool:  # parallelize_module's rule: `*` within one name part
-        parts, atoms = name.split("."), pattern.split(".")
-        return len(parts) == len(atoms) and all(fnmatch.fnmatchcase(p, a) for p, a in zip(parts, atoms))
-
     resolved: dict[str, Any] = {}
     for pattern, style in plan.items():
-        if not any(matches(pattern, name) for name in wrapped):
+        if not any(_matches(pattern, name) for name in wrapped):
             resolved[pattern] = style
             continue
         for name, module in model.named_modules():
-            if matches(pattern, name):
+            if _matches(pattern, name):
                 resolved[name] = module.parallel_style(style) if name in wrapped else style
     return resolved
 

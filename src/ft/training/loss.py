@@ -30,12 +30,15 @@ def chunked_cross_entropy_sum(
     *,
     chunk_size: int = 1024,
     target_index_N: torch.Tensor | None = None,
+    backward_twice: bool = False,
 ) -> torch.Tensor:
     """sum over target tokens of -log p(label), computed chunk by chunk in float32.
 
     `target_index_N`: the flat positions of the target tokens, computed on the host
     from the CPU labels (`target_positions`); it saves the device->host sync that
-    selecting them with a boolean mask on the GPU costs.
+    selecting them with a boolean mask on the GPU costs. `backward_twice`: backward
+    runs over the loss twice (a zero-bubble pipeline schedule's input and weight
+    passes), so the fused path must not scale its saved gradients in place.
     """
     if target_index_N is None:
         target_index_N = target_positions(labels_BT).to(labels_BT.device)
@@ -46,7 +49,7 @@ def chunked_cross_entropy_sum(
     hidden_ND = hidden_BTD.flatten(0, 1).index_select(0, target_index_N)
     labels_N = labels_BT.flatten().index_select(0, target_index_N)
     if _is_plain_linear(output):
-        return _LinearCrossEntropy.apply(hidden_ND, output.weight, labels_N, chunk_size)
+        return _LinearCrossEntropy.apply(hidden_ND, output.weight, labels_N, chunk_size, backward_twice)
     total = hidden_BTD.new_zeros((), dtype=torch.float32)
     for start in range(0, num_targets, chunk_size):
         total = total + checkpoint(
@@ -120,7 +123,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum CE(hidden @ weight.T, labels), gradients computed during forward."""
 
     @staticmethod
-    def forward(ctx, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, chunk_size: int):
+    def forward(ctx, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, chunk_size: int,
+                backward_twice: bool = False):
         # Under autocast the matmuls run in its dtype; spell it out so the in-place
         # weight-gradient accumulation (not autocast) runs in it too.
         device_type = hidden_ND.device.type
@@ -147,13 +151,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:  # fp32 master weights, bf16 compute: accumulate in fp32
                 grad_weight += (grad_logits_CV.t() @ hidden_CD).to(grad_weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.backward_twice = backward_twice
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.backward_twice:  # the saved gradients are read again: scale copies
+            if grad_weight is not None:
+                grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+            return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None
         # In place: the gradients were made for this backward alone (the graph is not
         # retained), and a scaled copy of the head's gradient is another vocab x dim.
         if grad_weight is not None:
             grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight, None, None
+        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight, None, None, None

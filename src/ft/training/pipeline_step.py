@@ -106,7 +106,8 @@ class PipelineRunner:
         labels_BT = labels_BT.cpu()
         target_index_N = target_positions(labels_BT).to(hidden_BTD.device, non_blocking=True)
         loss_sum = chunked_cross_entropy_sum(hidden_BTD, last.lm_head, labels_BT.to(hidden_BTD.device),
-                                             chunk_size=self.loss_chunk_size, target_index_N=target_index_N)
+                                             chunk_size=self.loss_chunk_size, target_index_N=target_index_N,
+                                             backward_twice=self.schedule_name == "zero_bubble")
         self._losses.append(loss_sum.detach())
         loss = loss_sum * self._norm
         return self.scaler.scale(loss) if self.scaler is not None else loss
@@ -147,6 +148,10 @@ class PipelineRunner:
         if weight is None or self._tied_group is None or weight.grad is None:
             return
         grad = weight.grad
+        if hasattr(grad, "placements") and grad.placements != weight.placements:
+            # Under TP the embedding's backward leaves a replicated (full) gradient, the
+            # lm_head's a vocab shard: both stages must sum the same shard of it.
+            grad = weight.grad = grad.redistribute(placements=weight.placements)
         local = grad.to_local() if hasattr(grad, "to_local") else grad
         dist.all_reduce(local, group=self._tied_group)
 
