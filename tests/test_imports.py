@@ -4,7 +4,11 @@ family-specific module imported from the family-agnostic layers."""
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 from pathlib import Path
+
+import pytest
 
 import ft
 
@@ -118,3 +122,15 @@ def test_model_modules_have_no_cycle_even_through_function_level_imports():
     graph = {m: {i for i in _imports(m, top_level_only=False) if i.startswith("ft.models")}
              for m in MODULES if m.startswith("ft.models")}
     assert _cycles(graph) == []
+
+
+@pytest.mark.parametrize("package", ["ft.models", "ft.lora", "ft.generation"])
+def test_lazily_re_exported_names_resolve(package):
+    # These packages import their names on first use (`ft.lazy_exports`): a name missing
+    # from the table or pointing at the wrong module shows only here. A name that is also
+    # a submodule's would become that submodule once anything imports it.
+    module = importlib.import_module(package)
+    submodules = {info.name for info in pkgutil.iter_modules(module.__path__)}
+    for name in module.__all__:
+        assert name not in submodules, name
+        assert getattr(module, name).__module__.startswith(package + "."), name

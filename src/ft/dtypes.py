@@ -1,15 +1,17 @@
 """The dtype names users type (`dtype=bfloat16`) and the torch dtypes they mean.
 
-The one table of them: configs, the CLI and checkpoint export all read `DTYPES`.
+The one table of them: configs, the CLI and checkpoint export all read `DTYPES` (its
+names are `ft.dtype_names.DTYPE_NAMES`, which the CLI reads without torch).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ft.dtype_names import DTYPE_NAMES
 from ft.errors import ConfigError
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_dtype(name: str, device: torch.device, *, key: str = "dtype") -> torch.dtype:

@@ -18,11 +18,10 @@ from ft.errors import AssetError, CheckpointError, ConfigError, FtError
 from ft.models import build_model, load_model
 from ft.models.checkpoint import load_checkpoint
 from ft.models.cli import write_hf_config_command
-from ft.models.family import get_family
 from ft.models.hf_export import save_hf_model
 from ft.models.llama.checkpoint import config_from_meta_params
 
-WRITE_HF_CONFIG_COMMAND = write_hf_config_command(get_family("llama"))
+WRITE_HF_CONFIG_COMMAND = write_hf_config_command("llama")
 from ft.models.llama.model import LLAMA_ARCHS, Llama
 
 

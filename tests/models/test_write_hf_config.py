@@ -14,14 +14,13 @@ from ft.errors import FtError
 from ft.models import find_arch
 from ft.models.build import create_model
 from ft.models.cli import write_hf_config_command
-from ft.models.family import get_family
 from ft.models.hf_export import save_hf_model
 
 SMALL = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=256)
 
 
 def run(argv: list[str]) -> int:
-    command = write_hf_config_command(get_family("llama"))
+    command = write_hf_config_command("llama")
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     return command.run(parser.parse_args(argv)) or 0

@@ -2,7 +2,9 @@
 
 One `register(...)` line per verb, so the whole surface is visible in one place.
 The verb modules are imported inside `register_commands`, not at import time:
-they import `ft.cli.command`, and `ft.cli` must stay importable on its own.
+they import `ft.cli.command`, and `ft.cli` must stay importable on its own. They
+import no torch (a verb imports its heavy modules when it runs), so `ft --help`
+and every verb's `--help` answer at once.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ from ft.registry import Registry
 def register_commands(groups: Registry[CommandGroup]) -> None:
     from ft.assets.cli import LIST_COMMAND, SHOW_COMMAND
     from ft.models.cli import write_hf_config_command
-    from ft.models.family import all_families
-    from ft.recipes.generate import GENERATE_COMMAND
-    from ft.recipes.instruction_finetune import INSTRUCTION_FINETUNE_COMMAND
+    from ft.models.family_names import family_names
+    from ft.recipes.commands import GENERATE_COMMAND, INSTRUCTION_FINETUNE_COMMAND, PREFERENCE_FINETUNE_COMMAND
     from ft.recipes.merge_lora import MERGE_LORA_COMMAND
-    from ft.recipes.preference_finetune import PREFERENCE_FINETUNE_COMMAND
 
     lm = groups.register("lm", _group("lm", "language model recipes (fine-tuning, generation)"))
     lm.commands.register("instruction_finetune", INSTRUCTION_FINETUNE_COMMAND)
@@ -26,8 +26,8 @@ def register_commands(groups: Registry[CommandGroup]) -> None:
     lm.commands.register("preference_finetune", PREFERENCE_FINETUNE_COMMAND)
     lm.commands.register("merge_lora", MERGE_LORA_COMMAND)
 
-    for family in all_families():  # every registered family gets the same verbs
-        group = groups.register(family.name, _group(family.name, f"{family.name} model family utilities"))
+    for family in family_names():  # every registered family gets the same verbs
+        group = groups.register(family, _group(family, f"{family} model family utilities"))
         group.commands.register("write_hf_config", write_hf_config_command(family))
 
     assets = groups.register("assets", _group("assets", "list and inspect asset cards"))

@@ -6,19 +6,19 @@ and answer scoring.
     outputs[0].text, outputs[0].tokens, outputs[0].logprobs
 """
 
-from ft.generation.beam_search import Hypothesis, beam_search
-from ft.generation.cache import StaticKVCache
-from ft.generation.decode_step import DecodeStep
-from ft.generation.generator import Generation, GenerateStats, Generator, GeneratorConfig, generate, prefill
-from ft.generation.sampling import TokenSampler, filter_logits, greedy_next, sample_next
-from ft.generation.scoring import (
-    ScoreSummary,
-    exact_match,
-    extract_answer,
-    extract_reference_answer,
-    normalize_number,
-    score_generations,
-)
+from ft.lazy_exports import lazy_exports
+
+# Imported on first use, so that `ft.generation.generator_config` (a recipe config section) imports without torch.
+__getattr__ = lazy_exports(__name__, {
+    "ft.generation.beam": ("Hypothesis", "beam_search"),
+    "ft.generation.cache": ("StaticKVCache",),
+    "ft.generation.decode_step": ("DecodeStep",),
+    "ft.generation.generator": ("Generation", "GenerateStats", "Generator", "generate", "prefill"),
+    "ft.generation.generator_config": ("GeneratorConfig",),
+    "ft.generation.sampling": ("TokenSampler", "filter_logits", "greedy_next", "sample_next"),
+    "ft.generation.scoring": ("ScoreSummary", "exact_match", "extract_answer", "extract_reference_answer",
+                              "normalize_number", "score_generations"),
+})
 
 __all__ = [
     "DecodeStep",

@@ -11,9 +11,14 @@
 - `quant`: NF4 base weights through torchao (QLoRA), imported lazily.
 """
 
-from ft.lora.apply import apply_lora, init_lora_weights, lora_state_dict, trainable_parameters
-from ft.lora.config import LoraConfig, check_lora_config
-from ft.lora.layers import LoraLinear
+from ft.lazy_exports import lazy_exports
+
+# Imported on first use, so that `ft.lora.config` (a recipe config section) imports without torch.
+__getattr__ = lazy_exports(__name__, {
+    "ft.lora.apply": ("apply_lora", "init_lora_weights", "lora_state_dict", "trainable_parameters"),
+    "ft.lora.config": ("LoraConfig", "check_lora_config"),
+    "ft.lora.layers": ("LoraLinear",),
+})
 
 __all__ = [
     "LoraConfig", "LoraLinear", "apply_lora", "check_lora_config", "init_lora_weights", "lora_state_dict",

@@ -1,6 +1,10 @@
 """`ft <family> write_hf_config [--model NAME] DIR`, for every registered family: make
 a directory of HF-layout safetensors (an ft step dir) loadable by transformers and
-vLLM by writing its `config.json` and `generation_config.json`."""
+vLLM by writing its `config.json` and `generation_config.json`.
+
+The command is built from the family's name (`ft.models.family_names`): the family
+and everything that imports torch are imported when it runs, not for `--help`.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,15 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ft.cli.command import Command
-from ft.dtypes import DTYPES
+from ft.dtype_names import DTYPE_NAMES
 from ft.errors import ConfigError, FtError
-from ft.models.checkpoint import check_hf_dir_matches, checkpoint_dtype
-from ft.models.family import ModelFamily, family_of
-from ft.models.hf_export import write_hf_config
+from ft.models.family_names import family_names
+
+if TYPE_CHECKING:
+    from ft.models.family import ModelFamily
 
 log = logging.getLogger("ft")
 
@@ -57,6 +60,8 @@ def resolve_family_config(family: ModelFamily, name: str, *, recorded: Any = Non
 
 
 def _recorded_or_error(family: ModelFamily, recorded: Any, *, what: str) -> Any:
+    from ft.models.family import family_of
+
     if recorded is None:
         raise ConfigError(f"{what}, and the directory records no model config (config.json or "
                           f"trainer/model_config.json); pass an arch, one of: {', '.join(family.archs.names())}")
@@ -100,19 +105,27 @@ def _run_tokenizer(directory: Path) -> Any:
         return None
 
 
-def write_hf_config_command(family: ModelFamily) -> Command:
+def write_hf_config_command(family_name: str) -> Command:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--model", default=None, metavar="NAME",
-                            help=f"a model card (resolved as training does), a {family.name} arch "
-                                 f"(e.g. {family.archs.names()[0]}) or a family card such as llama3; "
+                            help=f"a model card (resolved as training does), a {family_name} arch "
+                                 f"(e.g. {family_names()[family_name]}) or a family card such as llama3; "
                                  "default: the config the checkpoint records")
         parser.add_argument(
-            "--dtype", choices=sorted(DTYPES), default=None,
+            "--dtype", choices=sorted(DTYPE_NAMES), default=None,
             help="torch_dtype to record (default: the dtype of the safetensors in DIR, else bfloat16)",
         )
         parser.add_argument("dir", type=Path, metavar="DIR", help="directory holding the model's *.safetensors")
 
     def run(args: argparse.Namespace) -> int:
+        import torch
+
+        from ft.dtypes import DTYPES
+        from ft.models.checkpoint import check_hf_dir_matches, checkpoint_dtype
+        from ft.models.family import get_family
+        from ft.models.hf_export import write_hf_config
+
+        family = get_family(family_name)
         directory: Path = args.dir
         if not directory.is_dir():
             raise FtError(f"{directory} is not a directory; pass the directory that holds the model's *.safetensors")
@@ -137,7 +150,7 @@ def write_hf_config_command(family: ModelFamily) -> Command:
         return 0
 
     return Command(
-        help=f"write HF config.json + generation_config.json for a directory of {family.name} safetensors",
+        help=f"write HF config.json + generation_config.json for a directory of {family_name} safetensors",
         add_arguments=add_arguments,
         run=run,
     )

@@ -1,5 +1,5 @@
 """The model families ft ships, registered in one place: a new family is a folder
-under `ft/models/` plus one line here."""
+under `ft/models/` plus one line here (and its name in `ft.models.family_names`)."""
 
 from ft.models.family_bundle import register_family
 from ft.models.llama.family import LLAMA_FAMILY

@@ -5,12 +5,16 @@ Every recipe gets the same surface: `OUT`, `--preset NAME`, `--list-presets`,
 [--explain]`, `--no-sweep-dir`; its `--help` lists the config keys. It also owns the
 output directory: the sweep subdirectory named after the config's hash, and
 `OUT/config.yaml` (written by rank 0 only).
+
+A recipe names its run function as "module:function", imported when the command
+runs: building the parser (and `--help`) imports the config class, never torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -18,24 +22,22 @@ from typing import Any, Callable, Iterator, Sequence
 from ft.cli.command import Command
 from ft.config import build_config, config_hash
 from ft.errors import ConfigError, FtError
-from ft.gang import detect_launch
-
-RecipeRun = Callable[[Any, Path], int | None]
 
 
 def recipe_command(
-    *, help: str, config_class: type, run: RecipeRun, sweep_prefix: str, recipe: str | None = None,
-    dry_run: Callable[[Any], int | None] | None = None,
+    *, help: str, config_class: type, run: str, sweep_prefix: str, recipe: str | None = None,
+    dry_run: str | None = None,
 ) -> Command:
     """A Command that builds `config_class` from the CLI and calls `run(config, output_dir)`.
 
-    `dry_run(config)` answers `--dry-run` (print the plan, build nothing on a GPU);
-    a recipe without one refuses the flag.
+    `run` and `dry_run` are "module:function" paths. `dry_run(config)` answers
+    `--dry-run` (print the plan, build nothing on a GPU); a recipe without one
+    refuses the flag.
 
     `recipe` names the preset folder (`ft/recipes/presets/<recipe>/`); default: the
     name of the module that defines `run`.
     """
-    recipe = recipe or run.__module__.rsplit(".", 1)[-1]
+    recipe = recipe or run.partition(":")[0].rsplit(".", 1)[-1]
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_recipe_arguments(parser)
@@ -59,15 +61,21 @@ def recipe_command(
         if args.dry_run:
             if dry_run is None:
                 raise ConfigError(f"--dry-run is not available for {recipe} yet")
-            return dry_run(config)
+            return load_function(dry_run)(config)
         if args.output_dir is None:
             raise ConfigError("OUT is required: the directory for checkpoints, metrics and logs")
         with run_directory(Path(args.output_dir), config, sweep=not args.no_sweep_dir, sweep_prefix=sweep_prefix,
                            config_files=args.config_file or []) as output_dir:
             logging.getLogger("ft").info("run directory: %s", output_dir)
-            return run(config, output_dir)
+            return load_function(run)(config, output_dir)
 
     return Command(help=help, add_arguments=add_arguments, run=run_command)
+
+
+def load_function(path: str) -> Callable[..., Any]:
+    """The function a "module:function" path names, its module imported now."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_recipe_config(config_class: type, args: argparse.Namespace, *, recipe: str) -> tuple[Any, dict[str, str]]:
@@ -132,6 +140,7 @@ def run_directory(out: Path, config: Any, *, sweep: bool, sweep_prefix: str,
     """The run's directory, locked by the main process (one run per directory) before
     anything is written there, with the effective config in it; the lock is released
     on leaving (or by the kernel, however the process ends)."""
+    from ft.gang import detect_launch
     from ft.training.run_lock import lock_output_dir
 
     output_dir = out / sweep_dir_name(config, prefix=sweep_prefix) if sweep else out
@@ -146,6 +155,7 @@ def run_directory(out: Path, config: Any, *, sweep: bool, sweep_prefix: str,
 def prepare_output_dir(out: Path, config: Any, *, sweep: bool, sweep_prefix: str,
                        config_files: Sequence[str | Path] = ()) -> Path:
     """Create the run's directory and write the effective config into it (`ft.recipes.run_config`)."""
+    from ft.gang import detect_launch
     from ft.recipes.run_config import write_run_config
 
     output_dir = out / sweep_dir_name(config, prefix=sweep_prefix) if sweep else out

@@ -31,16 +31,21 @@ def field_docs(config_class: type, prefix: str = "") -> list[FieldDoc]:
     """Every key of `config_class` (sections expanded) with its type, default and description."""
     descriptions = _attribute_docstrings(config_class)
     hints = typing.get_type_hints(config_class)
-    defaults = dataclasses.asdict(config_class())
     docs = []
     for f in dataclasses.fields(config_class):
         section = hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else None
         if section is not None:
             docs += field_docs(section, prefix=f"{prefix}{f.name}.")
             continue
-        docs.append(FieldDoc(f"{prefix}{f.name}", _type_text(hints[f.name]), _value_text(defaults[f.name]),
+        docs.append(FieldDoc(f"{prefix}{f.name}", _type_text(hints[f.name]), _value_text(_default(f)),
                              descriptions.get(f.name, "")))
     return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    # Read from the field, not from an instance: `__post_init__` checks names against
+    # registries that import torch, and `--help` must not.
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def format_keys_help(config_class: type) -> str:

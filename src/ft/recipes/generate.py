@@ -22,7 +22,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,33 +38,12 @@ from ft.generation.partial_outputs import PartialOutputs
 from ft.lora.adapter_model import adapter_source, create_model_with_adapter
 from ft.models import ModelSource, create_model
 from ft.models.parallelize import check_parallel_layout, parallelize_model
-from ft.recipes.cli_support import recipe_command
+from ft.recipes.generate_config import GenerateConfig
 from ft.recipes.lm_setup import resolve_dtype, resolve_model_source, resolve_tokenizer, setup_run_logging
 
 log = logging.getLogger("ft")
 
-__all__ = ["GENERATE_COMMAND", "GenerateConfig", "GeneratorConfig", "run_generate", "shard_rows", "write_outputs"]
-
-
-@dataclass(kw_only=True)
-class GenerateConfig:
-    model: str | None = None
-    """A model card, a checkpoint path, or with checkpoint_dir: last_checkpoint / checkpoint_step_N
-    (a LoRA run's step runs its adapter on its base). Default: ft_tiny, or with lora_dir the adapter's base."""
-    lora_dir: str | None = None
-    """A LoRA adapter directory (PEFT format, e.g. a LoRA run's OUT/checkpoints/step_N) to run on `model`."""
-    checkpoint_dir: str | None = None
-    """OUT/checkpoints of a training run, for model=last_checkpoint|checkpoint_step_N."""
-    tokenizer: str | None = None
-    """Default: the model card's tokenizer, or the one saved beside the checkpoint."""
-    dataset: str = "ft_default_sft"
-    """A dataset card, a directory of splits, or one JSONL file."""
-    split: str = "test"
-    """Split of a dataset directory or card (a single file is read whole)."""
-    dtype: str = "auto"
-    device: str = "auto"
-    tensor_parallel_size: int = 1
-    generator_config: GeneratorConfig = field(default_factory=GeneratorConfig)
+__all__ = ["GenerateConfig", "GeneratorConfig", "run_generate", "shard_rows", "write_outputs"]
 
 
 def run_generate(config: GenerateConfig, output_dir: Path) -> int:
@@ -300,11 +278,3 @@ class _GenerateProgress:
         self.tokens += tokens
         rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
         self.progress.update(self.task, advance=prompts, rate=f"{rate:,.0f} tok/s")
-
-
-GENERATE_COMMAND = recipe_command(
-    help="generate responses for a dataset's prompts and score them",
-    config_class=GenerateConfig,
-    run=run_generate,
-    sweep_prefix="gen",
-)

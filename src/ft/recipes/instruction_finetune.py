@@ -25,9 +25,8 @@ from ft.models.fp8 import check_fp8_support
 from ft.models.parallelize import parallelize_model
 from ft.models.pipeline import check_pipeline_layout, with_pipeline
 from ft.parallel_plan import plan_parallelism
-from ft.recipes.cli_support import recipe_command
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig, optimizer_settings
-from ft.recipes.sft_plan import dry_run_instruction_finetune, predicted_peak_gib
+from ft.recipes.sft_plan import predicted_peak_gib
 from ft.recipes.lm_setup import (
     DTYPES, open_checkpoints, open_metric_recorders, pad_id, read_sft_data, resolve_dtype,
     resolve_model_and_tokenizer, setup_run_logging, start_trainer_state, sft_validation_batches,
@@ -221,12 +220,3 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     if recorders is not None:
         recorders.close()
     return EXIT_STOPPED if stopped else EXIT_OK
-
-
-INSTRUCTION_FINETUNE_COMMAND = recipe_command(
-    help="fine-tune a language model on instruction data",
-    config_class=InstructionFinetuneConfig,
-    run=run_instruction_finetune,
-    dry_run=dry_run_instruction_finetune,
-    sweep_prefix="ft",
-)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from ft.data.formats import check_format_name
 from ft.errors import ConfigError
 from ft.recipes.lm_training_config import LmTrainingConfig
-from ft.training.optimizers import OptimizerSettings, check_optimizer_settings
+
+if TYPE_CHECKING:
+    from ft.training.optimizers import OptimizerSettings
 
 
 @dataclass(kw_only=True)
@@ -77,6 +78,10 @@ class InstructionFinetuneConfig(LmTrainingConfig):
     )
 
     def __post_init__(self) -> None:
+        # The registries import torch; `--help` reads this class without it.
+        from ft.data.formats import check_format_name
+        from ft.training.optimizers import check_optimizer_settings
+
         check_format_name(self.dataset_format, key="dataset_format")
         super().__post_init__()
         check_optimizer_settings(
@@ -118,6 +123,8 @@ def check_pipeline_settings(config: InstructionFinetuneConfig) -> None:
 
 def optimizer_settings(config: InstructionFinetuneConfig) -> OptimizerSettings:
     """The optimizer section of the config, as `ft.training.optimizers.build_optimizer` takes it."""
+    from ft.training.optimizers import OptimizerSettings
+
     return OptimizerSettings(
         name=config.optimizer, learning_rate=config.learning_rate, betas=config.betas, eps=config.eps,
         weight_decay=config.weight_decay, in_backward=config.optimizer_in_backward,

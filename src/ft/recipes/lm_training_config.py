@@ -16,8 +16,6 @@ from typing import ClassVar, Literal
 
 from ft.errors import ConfigError
 from ft.lora.config import LoraConfig, check_lora_config
-from ft.training.metrics import check_recorder_names
-from ft.training.optim import LR_SCHEDULES
 
 
 @dataclass(kw_only=True)
@@ -110,6 +108,10 @@ class LmTrainingConfig:
     )
 
     def __post_init__(self) -> None:
+        # The registries import torch; `--help` reads this class without it.
+        from ft.training.metrics import check_recorder_names
+        from ft.training.optim import LR_SCHEDULES
+
         # Names looked up in a registry are plain `str` fields (a Literal would repeat
         # the registry); they are checked here, so a bad one fails before any work.
         LR_SCHEDULES.get(self.lr_schedule, key="lr_schedule")

@@ -30,7 +30,6 @@ from ft.preference.reference import compute_reference, load_reference, reference
 from ft.preference.step import (
     PreferenceStats, accumulate_pair_gradients, preference_loss, publish_preference_stats, validate_pairs,
 )
-from ft.recipes.cli_support import recipe_command
 from ft.recipes.lm_setup import (
     DTYPES, open_checkpoints, open_metric_recorders, pad_id, resolve_dtype,
     resolve_model_and_tokenizer, setup_run_logging, start_trainer_state,
@@ -220,11 +219,3 @@ def _train_loop(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs
     if recorders is not None:
         recorders.close()
     return EXIT_STOPPED if stopped else EXIT_OK
-
-
-PREFERENCE_FINETUNE_COMMAND = recipe_command(
-    help="fine-tune a language model on preference pairs (DPO, SimPO, ORPO, CPO)",
-    config_class=PreferenceFinetuneConfig,
-    run=run_preference_finetune,
-    sweep_prefix="ft",
-)

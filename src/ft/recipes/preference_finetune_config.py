@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from ft.errors import ConfigError
 from ft.lora.config import LoraConfig
-from ft.preference.criteria import CriterionConfig
+from ft.preference.criterion_config import CriterionConfig
 from ft.recipes.lm_training_config import LmTrainingConfig
 
 
