@@ -102,3 +102,12 @@ def test_resume_from_a_checkpoint_name_that_does_not_exist(trained, tmp_path, ca
     message = bad_run(tmp_path / "new", capsys, f"resume_checkpoint_dir={out / 'checkpoints'}",
                       "model=checkpoint_step_7")
     assert "checkpoint_step_2" in message and "last_checkpoint" in message
+
+
+def test_sequence_parallel_with_pipeline_stages_fails_before_any_work(tmp_path, user_assets, capsys):
+    out = tmp_path / "run"
+    message = bad_run(out, capsys, "sequence_parallel=true", "tensor_parallel_size=2", "pipeline_parallel_size=2",
+                      "gradient_accumulation=2")
+    assert "'sequence_parallel'" in message and "'pipeline_parallel_size'" in message
+    assert "use sequence_parallel=false" in message
+    assert not (out / "checkpoints").exists() and not (out / "metrics").exists()

@@ -54,7 +54,8 @@ class InstructionFinetuneConfig(LmTrainingConfig):
     pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     """The pipeline schedule; interleaved_1f1b and zero_bubble run two stages per rank."""
     sequence_parallel: bool = False
-    """With tensor_parallel_size > 1: norms and the residual stream sharded over the sequence between blocks."""
+    """With tensor_parallel_size > 1: norms and the residual stream sharded over the sequence between blocks
+    (not with pipeline_parallel_size > 1 yet)."""
     parallel_plan: Literal["manual", "auto"] = "manual"
     """auto: choose data/tensor/pipeline parallel sizes, activation checkpointing and optimizer offload from the
     model, the processes, GPU memory, max_num_tokens and max_seq_len (keys set away from their defaults are kept)."""
@@ -113,6 +114,10 @@ def check_pipeline_settings(config: InstructionFinetuneConfig) -> None:
         raise ConfigError("config key 'sequence_parallel' needs tensor_parallel_size > 1 (it shards TP's norms)")
     if config.pipeline_parallel_size == 1:
         return
+    if config.sequence_parallel:  # stages send whole-sequence hidden states; sequence parallelism shards them
+        raise ConfigError(f"config keys 'sequence_parallel' and 'pipeline_parallel_size' "
+                          f"({config.pipeline_parallel_size}) do not combine yet; use sequence_parallel=false "
+                          f"with pipeline stages")
     for key, bad in (("lora.enabled", config.lora.enabled), ("optimizer_in_backward", config.optimizer_in_backward),
                      ("activation_offloading", config.activation_offloading),
                      ("data_parallelism=ddp", config.data_parallelism == "ddp")):
