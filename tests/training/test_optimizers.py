@@ -187,3 +187,16 @@ def test_memory_model_matches_the_arithmetic_of_an_8b_model():
     assert small.optimizer_states < 0.05 * GIB and small.gradients < 2.5 * GIB and small.peak < pure.peak / 2
     label, fixed = cheapest_fix(MemoryPlan(model_config=config), 24 * GIB, shapes)
     assert "optimizer_in_backward=true" in label and fixed.peak_with_slack <= 24 * GIB
+
+
+def test_stochastic_rounding_in_blocks_rounds_every_element_and_is_deterministic():
+    from ft.training.stochastic_rounding import stochastic_round_into
+
+    x = torch.randn(37, 11, dtype=torch.float32)
+    out, again = torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.bfloat16)
+    stochastic_round_into(out, x, generator=torch.Generator().manual_seed(1), block_numel=50)
+    stochastic_round_into(again, x, generator=torch.Generator().manual_seed(1), block_numel=50)
+    assert torch.equal(out, again)
+    # each element lands on one of its two bf16 neighbours (within one ulp), not always the nearest
+    assert torch.all((out.float() - x).abs() < x.abs() * 2**-7)
+    assert not torch.equal(out, x.to(torch.bfloat16))

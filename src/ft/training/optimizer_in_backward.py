@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ft.training.stochastic_rounding import rounding_generator, stochastic_round_to_bf16
+from ft.training.stochastic_rounding import rounding_generator, stochastic_round_into
 
 MakeOptimizer = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 MASTER_WEIGHT = "master_weight"
@@ -134,7 +134,7 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         param.data = original
         step = slot.inner.state.get(param, {}).get("step", 0)
         generator = rounding_generator(_local(updated).device, seed=self.seed, index=slot.index, step=int(step))
-        _local(original).copy_(stochastic_round_to_bf16(_local(updated), generator=generator))
+        stochastic_round_into(_local(original), _local(updated), generator=generator)
 
     def _measure(self, grad: Tensor) -> None:
         """Adds the gradient's squared norm to the step's total (grouped by DTensor layout,

@@ -34,6 +34,20 @@ def stochastic_round_to_bf16(x: torch.Tensor, *, generator: torch.Generator | No
     return rounded.to(torch.bfloat16)  # exact: the low bits are zero
 
 
+def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, *, generator: torch.Generator | None = None,
+                          block_numel: int = 1 << 24) -> None:
+    """`out.copy_(stochastic_round_to_bf16(x))` a block of elements at a time, so the
+    temporaries (the noise, the sums) are one block's, not the tensor's: for an 8B
+    model's embedding the whole-tensor version allocates several GiB at once."""
+    if not (out.is_contiguous() and x.is_contiguous()):
+        out.copy_(stochastic_round_to_bf16(x, generator=generator))
+        return
+    flat_out, flat_x = out.view(-1), x.view(-1)
+    for start in range(0, flat_x.numel(), block_numel):
+        end = start + block_numel
+        flat_out[start:end] = stochastic_round_to_bf16(flat_x[start:end], generator=generator)
+
+
 def rounding_generator(device: torch.device, *, seed: int, index: int, step: int) -> torch.Generator:
     """A generator for parameter `index` at optimizer step `step` of a run seeded `seed`."""
     generator = torch.Generator(device=device)
