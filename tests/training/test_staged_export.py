@@ -91,3 +91,20 @@ def test_layout_lists_every_tensor_of_a_nested_state():
     layout = background_save.CpuStager.layout(state)
     assert set(layout) == {"/a", "/b/0", "/b/1/c"}
     assert background_save.layout_bytes(layout) == 6 * 4 + 2 + 4 * 4
+
+
+def test_model_only_saves_stage_only_the_model(tmp_path, monkeypatch):
+    model, optimizer = _train_one_step(False)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # room for the model's copy, not for the model and AdamW's two states
+    monkeypatch.setattr("ft.training.checkpoint.available_host_memory", lambda: 3 * model_bytes)
+    mgr = _manager(tmp_path / "checkpoints", background=True)
+    mgr.prepare(model, optimizer, model_only=True)
+    mgr.wait()
+    assert mgr._stager is not None and all(path.startswith("/model/") for path in mgr._stager._buffers)
+    written = []
+    step = mgr.save(1, model=model, optimizer=optimizer, extra={"step": 1}, model_config={}, export_model=None,
+                    model_only=True, export_staged=lambda directory, state: written.append(
+                        write_hf_model_from_state(directory, state, config=model.config, dtype=torch.bfloat16)))
+    mgr.close()
+    assert written and (step / "model.safetensors").is_file() and not (step / "trainer").exists()

@@ -185,7 +185,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             state.step += 1
             step = state.step
             if step == first_step:  # the optimizer has its state now
-                checkpoints.prepare(model, optimizer)
+                checkpoints.prepare(model, optimizer, model_only=config.save_model_only)
             stats.finish_step()
             progress.advance(step)
             if step % config.publish_metrics_every_n_steps == 0 or step == config.max_num_steps:

@@ -231,7 +231,7 @@ class CheckpointManager:
             if self.is_main:
                 self._start_tmp(step, tmp, trainer=not model_only)
             self.barrier()
-            self._check_staging(model, optimizer)
+            self._check_staging(model, optimizer, model_only=model_only)
             staged_model: dict[str, torch.Tensor] | None = None
             if self._stager is not None:
                 staged = self._stager.stage(self._state(model, optimizer, model_only=model_only))
@@ -276,13 +276,14 @@ class CheckpointManager:
             self.barrier()
         return final
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, model_only: bool = False) -> None:
         """Allocate the host buffers of background saves now, on the worker thread (call
         once the optimizer has its state, e.g. after the first step), so that the first
-        save's pause is a copy, not seconds of pinning memory."""
-        self._check_staging(model, optimizer)
+        save's pause is a copy, not seconds of pinning memory. `model_only`: the run's
+        saves hold only the model, so only the model is copied."""
+        self._check_staging(model, optimizer, model_only=model_only)
         if self._stager is not None and self._background is not None:
-            layout = CpuStager.layout(self._state(model, optimizer, model_only=False))
+            layout = CpuStager.layout(self._state(model, optimizer, model_only=model_only))
             self._background.run(functools.partial(self._stager.reserve, layout))
 
     def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, model_only: bool) -> dict[str, Any]:
@@ -295,15 +296,15 @@ class CheckpointManager:
     def _trainable_only(self) -> bool:
         return self.state_dict_options.ignore_frozen_params
 
-    def _check_staging(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _check_staging(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, model_only: bool) -> None:
         """Once: keep host copies only where they fit beside everything else in host memory."""
         if self._staging_checked or self._stager is None:
             return
         self._staging_checked = True
-        needed = layout_bytes(CpuStager.layout(self._state(model, optimizer, model_only=False)))
+        needed = layout_bytes(CpuStager.layout(self._state(model, optimizer, model_only=model_only)))
         available = available_host_memory()
         if available is not None and needed > MAX_STAGING_SHARE_OF_HOST_MEMORY * available:
-            log.warning("trainer state (%.1f GiB) is too large to copy to host memory (%.1f GiB available): "
+            log.warning("checkpoint state (%.1f GiB) is too large to copy to host memory (%.1f GiB available): "
                         "checkpoints write it from the device, pausing training for the write", needed / 2**30,
                         available / 2**30)
             self._stager = None
