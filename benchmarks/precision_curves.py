@@ -173,7 +173,8 @@ def verdict(compared: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train_throughput import _default_gsm8k, train_gsm8k_tokenizer
+    from recipe_runs import bench_model_and_tokenizer, gsm8k_overrides
+    from train_throughput import _default_gsm8k
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gsm8k", type=Path, default=_default_gsm8k())
@@ -223,14 +224,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cards = tmp / "cards"
-        cards.mkdir()
-        (cards / "bench.yaml").write_text(f"name: bench_model\nmodel_family: llama\nmodel_arch: {arch}\n")
-        train_gsm8k_tokenizer(args.gsm8k, tmp / "tok", vocab_size=400 if args.tiny else 4500)
+        cards, tokenizer = bench_model_and_tokenizer(tmp, arch=arch, gsm8k=args.gsm8k, tiny=args.tiny)
         seq, tokens = (256, 512) if args.tiny else (2048, args.max_num_tokens)
         overrides = [
-            "model=bench_model", f"tokenizer={tmp / 'tok'}", f"dataset={args.gsm8k}", "dataset_format=gsm8k",
-            f"max_seq_len={seq}", f"max_num_tokens={tokens}", f"max_num_steps={steps}",
+            *gsm8k_overrides(tokenizer, args.gsm8k, seq_len=seq, max_num_tokens=tokens, steps=steps),
             f"warmup_steps={args.warmup_steps}", "publish_metrics_every_n_steps=1",
             f"checkpoint_every_n_steps={steps + 1}", "save_model_only=true", "dtype=bfloat16",
             f"optimizer={args.optimizer}", f"device={args.device}",
