@@ -15,11 +15,13 @@
 - activations: per token and block, what a Llama-shaped block saves for backward
   (`_block_bytes_per_token`) under no, selective or full checkpointing; with
   activation offloading, two blocks' worth stay on the GPU;
-- loss chunk: the float32 logits of one `loss_chunk_size` chunk, their softmax and
-  gradient, live in backward.
+- recompute: under checkpointing, the one block whose activations backward
+  rebuilds while the saved ones are still alive;
+- loss chunk: the float32 logits of one `loss_chunk_size` chunk and their
+  exponentials, alive at the end of forward.
 Peak = weights + states + max(activations + loss chunk + output-layer gradient,
-gradients + step transient): activations are largest at the end of forward,
-gradients at the end of backward. `allocator_slack` (fragmentation, about 5%, and
+activations + recompute + output-layer gradient, gradients + step transient):
+the end of forward, the first block's backward, the end of backward. `allocator_slack` (fragmentation, about 5%, and
 the CUDA context, which `max_memory_allocated` does not count) is added for the
 "does it fit" question only.
 
@@ -82,20 +84,22 @@ class MemoryEstimate:
     allocator_slack: float
     params_total: int
     params_trainable: int
+    recompute: float = 0.0
 
     @property
     def peak(self) -> float:
         forward_end = self.activations + self.loss_chunk + self.output_gradient
+        backward_start = self.activations + self.recompute + self.output_gradient
         backward_end = self.gradients + self.step_transient
-        return self.weights + self.optimizer_states + max(forward_end, backward_end)
+        return self.weights + self.optimizer_states + max(forward_end, backward_start, backward_end)
 
     @property
     def peak_with_slack(self) -> float:
         return self.peak + self.allocator_slack
 
     def components_gib(self) -> dict[str, float]:
-        names = ("weights", "gradients", "optimizer_states", "step_transient", "activations", "loss_chunk",
-                 "allocator_slack")
+        names = ("weights", "gradients", "optimizer_states", "step_transient", "activations", "recompute",
+                 "loss_chunk", "allocator_slack")
         return {name: getattr(self, name) / GIB for name in names}
 
 
@@ -185,27 +189,30 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
     tokens = plan.max_num_tokens
     residual = 4 if (mixed and not fsdp) else compute  # autocast keeps the residual stream in float32
     block = _block_bytes_per_token(config, compute, plan.tp_size)
+    recompute_per_token = block if plan.activation_checkpointing != "none" else 0.0
     if plan.activation_checkpointing == "full":
-        per_token = config.n_layers * residual * config.dim + block
+        per_token = config.n_layers * residual * config.dim
     elif plan.activation_checkpointing == "selective":
-        per_token = config.n_layers * _selective_bytes_per_token(config, compute, residual, plan.tp_size) + block
+        per_token = config.n_layers * _selective_bytes_per_token(config, compute, residual, plan.tp_size)
     else:
         per_token = config.n_layers * block
     if plan.activation_offloading:
-        per_token = min(per_token, 2 * block + config.n_layers * residual * config.dim / 8)
+        per_token = min(per_token + recompute_per_token, 2 * block + config.n_layers * residual * config.dim / 8)
+        recompute_per_token = 0.0
     # embedding output, final norm (float32 input) and its output, hidden states kept for the chunked loss.
     per_token += residual * config.dim + 4 * config.dim + 2 * compute * config.dim
     activations = tokens * per_token
 
     vocab = config.vocab_size / plan.tp_size
-    loss_chunk = 3 * min(plan.loss_chunk_size, tokens) * vocab * 4
+    # float32 logits and their exponentials (the compiled chunk fuses the rest; --profile-memory shows these two)
+    loss_chunk = 2 * min(plan.loss_chunk_size, tokens) * vocab * 4
     output_numel = max((n for name, n in numels.items() if "lm_head" in name or "embed" in name), default=0)
     output_gradient = 0.0 if lora else output_numel * grad_bytes / shard
 
     estimate = MemoryEstimate(
         weights=weights, gradients=gradients, optimizer_states=states, step_transient=step_transient,
         activations=activations, loss_chunk=loss_chunk, output_gradient=output_gradient, allocator_slack=0.0,
-        params_total=total, params_trainable=trainable,
+        params_total=total, params_trainable=trainable, recompute=tokens * recompute_per_token,
     )
     return dataclasses.replace(estimate, allocator_slack=FRAGMENTATION * estimate.peak + CUDA_CONTEXT_BYTES)
 
