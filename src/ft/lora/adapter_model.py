@@ -70,6 +70,9 @@ def load_adapter_weights(model: nn.Module, state: Mapping[str, Tensor], *, sourc
     config; every rank copies its own shard. Every trainable tensor must be in `state`
     and every tensor of `state` must be trainable in the model."""
     params = dict(trainable_parameters(model))
+    held_elsewhere = getattr(model, "held_elsewhere", None)
+    if held_elsewhere is not None:  # a pipeline rank: the other ranks copy (and check) their blocks' tensors
+        state = {name: tensor for name, tensor in state.items() if not held_elsewhere(name)}
     check_adapter_tensors({name: param.shape for name, param in params.items()}, state, source=source)
     for name, param in params.items():
         tensor = state[name]

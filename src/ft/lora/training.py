@@ -30,7 +30,8 @@ log = logging.getLogger("ft")
 MERGED_SUBDIR = "merged"
 
 
-def check_lora_run(config: LoraConfig, *, source: Any, device: torch.device, dp_size: int, tp_size: int) -> None:
+def check_lora_run(config: LoraConfig, *, source: Any, device: torch.device, dp_size: int, tp_size: int,
+                   pp_size: int = 1) -> None:
     """ConfigError for a LoRA run that cannot work with this model and layout."""
     if source.checkpoint is None:
         raise ConfigError(f"LoRA trains adapters on a base with weights, but {source.description} has no checkpoint; "
@@ -39,9 +40,9 @@ def check_lora_run(config: LoraConfig, *, source: Any, device: torch.device, dp_
         from ft.lora.quant import check_nf4_available
 
         check_nf4_available(device)
-        if dp_size > 1 or tp_size > 1:
+        if dp_size > 1 or tp_size > 1 or pp_size > 1:
             raise ConfigError("lora.base_quantization=nf4 runs on one process; sharding NF4 base weights "
-                              "(FSDP2 or tensor parallel) is not supported yet")
+                              "(FSDP2, tensor parallel or pipeline stages) is not supported yet")
 
 
 def lora_fingerprint(config: LoraConfig) -> dict[str, Any]:
@@ -98,11 +99,16 @@ def start_lora(model: nn.Module, config: LoraConfig, *, seed: int, resuming: boo
 
 
 def export_lora(model: nn.Module, directory: Path, *, is_main: bool, dtype: torch.dtype, config: LoraConfig,
-                source: Any, tokenizer: Any = None) -> None:
+                source: Any, tokenizer: Any = None,
+                gather: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None) -> None:
     """Write the adapter (PEFT format) into `directory` and, with `export_merged`, the merged
     model into `directory/merged`, merged onto the base checkpoint's own weights.
-    A collective: every rank calls it; rank 0 writes."""
-    state = lora_state_dict(model, rank0_only=True)
+    A collective: every rank calls it; rank 0 writes. `gather`: for pipeline stages, which
+    each hold their blocks' adapters, merges every stage's on rank 0
+    (`ft.training.pipeline_step.gather_from_stages`)."""
+    state = lora_state_dict(model, rank0_only=gather is None)
+    if gather is not None:
+        state = gather(state)
     if not is_main:
         return
     base_name = source.card_name or str(source.checkpoint)

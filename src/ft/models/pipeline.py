@@ -214,6 +214,17 @@ class PipelineRankModel(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
+    def held_elsewhere(self, name: str) -> bool:
+        """Whether the full model's tensor `name` belongs to modules another pipeline rank holds."""
+        parts = name.split(".")
+        if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
+            return int(parts[2]) < self.config.n_layers and parts[2] not in self.model.layers
+        if name.startswith("model.embed_tokens."):
+            return not hasattr(self.model, "embed_tokens")
+        if name.startswith(("model.norm.", "lm_head.")):
+            return not self.has_last
+        return False
+
     def tied_weight(self) -> nn.Parameter | None:
         """The embedding a tied model's first and last stage both hold (None otherwise)."""
         if self.pp_size > 1 and self.config.tie_embeddings and (self.has_first or self.has_last):

@@ -39,7 +39,7 @@ from ft.training.activation_offloading import offloading_loss_fn
 from ft.training.optimizers import build_optimizer, step_in_backward
 from ft.training.progress import TrainingProgress
 from ft.training.optim import clip_grad_norm
-from ft.training.pipeline_step import PipelineRunner, export_pipeline_hf_model
+from ft.training.pipeline_step import PipelineRunner, export_pipeline_hf_model, gather_from_stages
 from ft.training.step import accumulate_gradients, next_token_loss, optimizer_step, validate
 from ft.training.step_stats import StepStats, publish_stats
 from ft.training.stop_signal import StopSignal
@@ -128,9 +128,10 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             export = functools.partial(export_pipeline_hf_model, model, gangs=gangs,
                                        dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer,
                                        defer=checkpoints.in_background)
-        if lora is not None:
+        if lora is not None:  # with pipeline stages each stage's adapters are gathered to rank 0
+            gather = functools.partial(gather_from_stages, gangs=gangs) if runner is not None else None
             export = functools.partial(export_lora, model, is_main=gangs.is_main, dtype=DTYPES[config.save_model_dtype],
-                                       config=lora, source=source, tokenizer=tokenizer)
+                                       config=lora, source=source, tokenizer=tokenizer, gather=gather)
         export_staged = functools.partial(write_hf_model_from_state, config=model.config,
                                           dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer)
         path = checkpoints.save(state.step, model=model, optimizer=optimizer, extra=state.state_dict(),

@@ -118,7 +118,12 @@ def check_pipeline_settings(config: InstructionFinetuneConfig) -> None:
         raise ConfigError(f"config keys 'sequence_parallel' and 'pipeline_parallel_size' "
                           f"({config.pipeline_parallel_size}) do not combine yet; use sequence_parallel=false "
                           f"with pipeline stages")
-    for key, bad in (("lora.enabled", config.lora.enabled), ("optimizer_in_backward", config.optimizer_in_backward),
+    if config.lora.enabled and config.lora.base_quantization == "nf4":  # NF4 weights are not split or sharded yet
+        raise ConfigError(f"config key 'lora.base_quantization' (nf4, QLoRA) cannot be combined with "
+                          f"pipeline_parallel_size={config.pipeline_parallel_size}: QLoRA runs on one process; use "
+                          f"lora.base_quantization=none (the frozen base in dtype) with pipeline stages, or "
+                          f"pipeline_parallel_size=1")
+    for key, bad in (("optimizer_in_backward", config.optimizer_in_backward),
                      ("activation_offloading", config.activation_offloading),
                      ("data_parallelism=ddp", config.data_parallelism == "ddp")):
         if bad:

@@ -104,6 +104,15 @@ def resolve_model_checkpoint(checkpoint_dir: Path, name: str) -> Path:
     return steps[int(match.group(1))]
 
 
+def _keep_own_params_in_groups(optimizer_state: dict[str, Any], own_groups: list[list[str]]) -> None:
+    """Add this rank's parameter names to the loaded param groups (in place). DCP saves a
+    group's name list once, from one rank: where ranks hold different parameters
+    (pipeline stages), the others would find none of theirs in it and load their groups
+    without hyperparameters. Every rank builds the same groups in the same order."""
+    for group, own in zip(optimizer_state["param_groups"], own_groups):
+        group["params"] = list(dict.fromkeys([*group["params"], *own]))
+
+
 def _trainer_files(manifest: Manifest) -> dict[str, FileRecord]:
     return manifest.under(TRAINER_SUBDIR)
 
@@ -375,6 +384,7 @@ class CheckpointManager:
         check_dcp_metadata(trainer_dir / ".metadata")
         model_state, optimizer_state = get_state_dict(model, optimizer, options=self.state_dict_options)
         state = {"model": model_state, "optimizer": optimizer_state}
+        own_groups = [list(group["params"]) for group in optimizer_state["param_groups"]]
         try:
             dcp.load(state, checkpoint_id=str(trainer_dir), planner=_PlainDataLoadPlanner())
         except (CheckpointException, Exception) as error:  # DCP raises a wide range of errors for mismatched state
@@ -384,6 +394,7 @@ class CheckpointManager:
             if isinstance(cause, CheckpointError):
                 raise type(cause)(f"cannot restore trainer state from {trainer_dir}: {cause}") from None
             raise CheckpointError(f"cannot restore trainer state from {trainer_dir}: {_one_line(cause)}") from None
+        _keep_own_params_in_groups(state["optimizer"], own_groups)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=self.state_dict_options)
         try:

@@ -13,7 +13,7 @@ for a `ft.models.pipeline.PipelineRankModel`:
 - `clip_grad_norm`: the norm over every stage (the tied weight counted once);
 - `validate`: forward only, stage to stage by point-to-point sends;
 - `export`: each stage's dp/tp rank 0 gathers its tensors, global rank 0 writes the
-  whole HF model.
+  whole HF model (`gather_from_stages` also brings a LoRA run's adapters together).
 
 Micro-batches of one step are padded to one shape (packed rows already share it);
 a new shape builds the schedule again (torch sizes its receive buffers once).
@@ -247,7 +247,22 @@ def export_pipeline_hf_model(model: PipelineRankModel, directory: Path, *, gangs
     for name, tensor in iter_full_state_dict(model, rank0_only=False, dtype=dtype):
         if stage_main:
             mine[name] = tensor
-    if not stage_main:
+    merged = gather_from_stages(mine, gangs=gangs)
+    if merged is None:
+        return None
+    write = functools.partial(save_hf_state_dict, list(merged.items()), model.config, directory, dtype=dtype,
+                              tokenizer=tokenizer)
+    if defer:
+        return write
+    write()
+    return None
+
+
+def gather_from_stages(mine: dict[str, Tensor], *, gangs: Gangs) -> dict[str, Tensor] | None:
+    """Every stage's `mine` (host tensors by full-model name, the same on a stage's dp/tp
+    ranks) merged on global rank 0 in the full model's order; None on the other ranks.
+    Every rank calls it; a tensor two stages hold (a tied embedding) is taken once."""
+    if gangs.dp.rank != 0 or gangs.tp.rank != 0:
         return None
     parts: list[Any] = [None] * gangs.pp.size if gangs.pp.rank == 0 else None  # type: ignore[assignment]
     dist.gather_object(mine, parts, group=gangs.pp.group, group_dst=0)
@@ -257,15 +272,10 @@ def export_pipeline_hf_model(model: PipelineRankModel, directory: Path, *, gangs
     for part in parts:
         for name, tensor in part.items():
             merged.setdefault(name, tensor)
-    items = [(name, merged[name]) for name in _full_order(model, merged)]
-    write = functools.partial(save_hf_state_dict, items, model.config, directory, dtype=dtype, tokenizer=tokenizer)
-    if defer:
-        return write
-    write()
-    return None
+    return {name: merged[name] for name in _full_order(merged)}
 
 
-def _full_order(model: PipelineRankModel, names: dict[str, Tensor]) -> list[str]:
+def _full_order(names: dict[str, Tensor]) -> list[str]:
     """Names in the full model's order: embedding, blocks by index, norm, head."""
     def key(name: str) -> tuple[int, int, str]:
         parts = name.split(".")
@@ -280,4 +290,4 @@ def _full_order(model: PipelineRankModel, names: dict[str, Tensor]) -> list[str]
     return sorted(names, key=key)
 
 
-__all__ = ["PipelineRunner", "export_pipeline_hf_model", "pad_batches"]
+__all__ = ["PipelineRunner", "export_pipeline_hf_model", "gather_from_stages", "pad_batches"]
