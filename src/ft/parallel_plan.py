@@ -5,7 +5,10 @@
 (at most the micro-batches per step and the layers), data parallel over the rest
 (HSDP with one replica per node once dp spans nodes) — with each activation
 checkpointing mode and, on one GPU, optimizer offload. Settings the user chose
-(`fixed`) are kept. Of the layouts whose predicted peak (`ft.training.memory_model`,
+(`fixed`) are kept, and layouts the recipe's config checks refuse beside the run's
+other settings are skipped (`recipe_refusal`: e.g. no pipeline stages with
+sequence_parallel, activation_offloading or DDP; no tensor parallelism or HSDP with
+DDP). Of the layouts whose predicted peak (`ft.training.memory_model`,
 with slack) fits the GPU's memory, it takes the fastest by a simple throughput model:
 
     time ~ recompute x tp communication x pipeline bubble x offload
@@ -27,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,14 +98,17 @@ def stage_estimate(base: MemoryPlan, *, tp: int, pp: int, dp_shard: int, activat
 
 
 def choose_plan(base: MemoryPlan, *, world_size: int, gpu_memory_bytes: float, micro_batches: int,
-                gpus_per_node: int = 8, fixed: dict[str, Any] | None = None) -> ParallelChoice:
-    """The fastest layout that fits (see the module doc); ConfigError when none does."""
+                gpus_per_node: int = 8, fixed: dict[str, Any] | None = None,
+                refusal: Callable[[dict[str, Any]], str | None] | None = None) -> ParallelChoice:
+    """The fastest layout that fits (see the module doc); ConfigError when none does.
+    `refusal(settings)`: why the run cannot use a layout's planned keys, or None."""
     fixed = dict(fixed or {})
     config = base.model_config
     node = min(gpus_per_node, world_size)
     shapes: dict[int, dict] = {}
     best: ParallelChoice | None = None
     tried = 0
+    refused: list[str] = []
     for tp in _divisors(node):
         if fixed.get("tensor_parallel_size", tp) != tp or not _tp_ok(config, tp):
             continue
@@ -121,6 +128,10 @@ def choose_plan(base: MemoryPlan, *, world_size: int, gpu_memory_bytes: float, m
                 for offload in (False, True):
                     if fixed.get("optimizer_cpu_offload", offload) != offload or (offload and world_size > 1):
                         continue
+                    reason = refusal(dict(zip(PLANNED_KEYS, (tp, pp, replicas, ac, offload)))) if refusal else None
+                    if reason is not None:
+                        refused.append(reason)
+                        continue
                     tried += 1
                     estimate = stage_estimate(base, tp=tp, pp=pp, dp_shard=dp // replicas,
                                               activation_checkpointing=ac, offload=offload, shapes_cache=shapes)
@@ -133,9 +144,11 @@ def choose_plan(base: MemoryPlan, *, world_size: int, gpu_memory_bytes: float, m
                         best = choice
     if best is None:
         kept = ", ".join(f"{k}={v}" for k, v in fixed.items()) or "nothing"
+        others = (f"; {len(refused)} more refused with this run's other settings, e.g. {refused[0]}"
+                  if refused else "")
         raise ConfigError(
             f"parallel_plan=auto: none of the {tried} layouts of {world_size} GPU(s) with "
-            f"{gpu_memory_bytes / GIB:.1f} GiB each fits (kept by hand: {kept}); use more GPUs, a smaller "
+            f"{gpu_memory_bytes / GIB:.1f} GiB each fits (kept by hand: {kept}{others}); use more GPUs, a smaller "
             f"max_num_tokens, LoRA, or set max_memory_gib if the GPU has more memory"
         )
     return best
@@ -145,6 +158,28 @@ def fixed_settings(config: Any) -> dict[str, Any]:
     """The planned keys whose values differ from the config class's defaults: set by hand, kept."""
     defaults = type(config)()
     return {key: getattr(config, key) for key in PLANNED_KEYS if getattr(config, key) != getattr(defaults, key)}
+
+
+def recipe_refusal(config: Any, model_config: Any) -> Callable[[dict[str, Any]], str | None]:
+    """`refusal` for `choose_plan`: the message of the recipe's own checks (the config's and the
+    model layout's) for `config` with a layout's planned keys, or None when they pass."""
+    from ft.models.parallelize import check_parallel_layout
+    from ft.models.pipeline import check_pipeline_layout
+
+    def refusal(settings: dict[str, Any]) -> str | None:
+        try:
+            candidate = dataclasses.replace(config, **settings)  # runs __post_init__'s checks too
+            candidate.check()
+            check_parallel_layout(model_config, tensor_parallel_size=candidate.tensor_parallel_size,
+                                  data_parallelism=candidate.data_parallelism,
+                                  activation_checkpointing=candidate.activation_checkpointing)
+            check_pipeline_layout(model_config, pipeline_parallel_size=candidate.pipeline_parallel_size,
+                                  schedule=candidate.pipeline_schedule, micro_batches=candidate.gradient_accumulation)
+        except ConfigError as error:
+            return str(error)
+        return None
+
+    return refusal
 
 
 def apply_parallel_plan(config: Any, *, world_size: int, gpu_memory_bytes: float | None,
@@ -158,11 +193,13 @@ def apply_parallel_plan(config: Any, *, world_size: int, gpu_memory_bytes: float
 
     source = _model_source(config)
     base = memory_plan(config, source.config, dp_size=1, tp_size=1)
+    # sequence_parallel=true is the user's: checked as set, so no stages are planned with it.
     choice = choose_plan(base, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes,
-                         micro_batches=config.gradient_accumulation, fixed=fixed_settings(config))
+                         micro_batches=config.gradient_accumulation, fixed=fixed_settings(config),
+                         refusal=recipe_refusal(config, source.config))
     log(choice.describe())
     settings = choice.settings()
-    sequence_parallel = config.sequence_parallel and choice.tp > 1
+    sequence_parallel = config.sequence_parallel and choice.tp > 1  # nothing to shard without TP
     return dataclasses.replace(config, **settings, sequence_parallel=sequence_parallel), choice
 
 
@@ -185,4 +222,4 @@ def plan_parallelism(config: Any) -> Any:
 
 
 __all__ = ["ParallelChoice", "apply_parallel_plan", "choose_plan", "fixed_settings", "plan_parallelism",
-           "stage_estimate"]
+           "recipe_refusal", "stage_estimate"]
