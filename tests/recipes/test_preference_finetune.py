@@ -109,3 +109,14 @@ def test_validation_and_bad_settings(tmp_path, pairs, capsys):
     text = console.out + console.err
     assert "2 x max_seq_len" in text and "unknown preference criterion 'kto'" in text
     assert "config key 'dataset' is required" in text
+
+
+def test_model_only_checkpoints_written_in_the_background(tmp_path, pairs):
+    out = tmp_path / "run"
+    assert run(out, pairs, "max_num_steps=2", "checkpoint_every_n_steps=1", "save_model_only=true",
+               "keep_last_n_checkpoints=null") == 0
+    for step in (1, 2):
+        step_dir = out / "checkpoints" / f"step_{step}"
+        assert (step_dir / "model.safetensors").is_file() and not (step_dir / "trainer").exists()
+    log = (out / "logs" / "rank_0.log").read_text()
+    assert "in the background (training paused" in log

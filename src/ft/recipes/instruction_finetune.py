@@ -11,7 +11,6 @@ re-running the same OUT resumes; SIGTERM/SIGINT finish the step, save and exit.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from pathlib import Path
 
@@ -19,27 +18,27 @@ import torch
 
 from ft.errors import EXIT_OK, EXIT_STOPPED
 from ft.gang import Gangs, setup_gangs
-from ft.lora.training import adapter_to_start_from, export_lora, start_lora, with_lora
+from ft.lora.training import adapter_to_start_from, start_lora, with_lora
 from ft.models import create_model, model_flops_per_token
 from ft.models.fp8 import check_fp8_support
 from ft.models.parallelize import parallelize_model
 from ft.models.pipeline import check_pipeline_layout, with_pipeline
 from ft.parallel_plan import plan_parallelism
+from ft.recipes.checkpoint_saving import checkpoint_saver
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig, optimizer_settings
 from ft.recipes.sft_plan import predicted_peak_gib
 from ft.recipes.lm_setup import (
-    DTYPES, open_checkpoints, open_metric_recorders, pad_id, read_sft_data, resolve_dtype,
+    open_checkpoints, open_metric_recorders, pad_id, read_sft_data, resolve_dtype,
     resolve_model_and_tokenizer, setup_run_logging, start_trainer_state, sft_validation_batches,
 )
 from ft.training.compile_choice import resolve_compile
-from ft.training.export import export_hf_model, write_hf_model_from_state
 from ft.training.metrics import device_peak_tflops, format_metrics
 from ft.training.nonfinite import NonFiniteGuard
 from ft.training.activation_offloading import offloading_loss_fn
 from ft.training.optimizers import build_optimizer, step_in_backward
 from ft.training.progress import TrainingProgress
 from ft.training.optim import clip_grad_norm
-from ft.training.pipeline_step import PipelineRunner, export_pipeline_hf_model, gather_from_stages
+from ft.training.pipeline_step import PipelineRunner
 from ft.training.step import accumulate_gradients, next_token_loss, optimizer_step, validate
 from ft.training.step_stats import StepStats, publish_stats
 from ft.training.stop_signal import StopSignal
@@ -119,27 +118,6 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         newest = checkpoints.dir / f"step_{saved_step}" if saved_step is not None else None
         nonfinite.check(state.step, newest_checkpoint=newest and str(newest), learning_rate=config.learning_rate)
 
-    def save_checkpoint() -> None:
-        check_finite()  # never save a non-finite state: the newest checkpoint stays the last good one
-        export = functools.partial(export_hf_model, model, is_main=gangs.is_main,
-                                   dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer,
-                                   defer=checkpoints.in_background)
-        if runner is not None:  # each stage's tensors gathered to rank 0
-            export = functools.partial(export_pipeline_hf_model, model, gangs=gangs,
-                                       dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer,
-                                       defer=checkpoints.in_background)
-        if lora is not None:  # with pipeline stages each stage's adapters are gathered to rank 0
-            gather = functools.partial(gather_from_stages, gangs=gangs) if runner is not None else None
-            export = functools.partial(export_lora, model, is_main=gangs.is_main, dtype=DTYPES[config.save_model_dtype],
-                                       config=lora, source=source, tokenizer=tokenizer, gather=gather)
-        export_staged = functools.partial(write_hf_model_from_state, config=model.config,
-                                          dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer)
-        path = checkpoints.save(state.step, model=model, optimizer=optimizer, extra=state.state_dict(),
-                                model_config=model_config_dict, export_model=export, model_only=config.save_model_only,
-                                export_staged=export_staged if runner is None and lora is None else None)
-        if not checkpoints.in_background:  # the manager logs background saves, with the pause
-            log.info("saved checkpoint %s", path)
-
     recorders = open_metric_recorders(config, output_dir, gangs, start_step=state.step)
     peak_tflops, peak_source = device_peak_tflops(device, config.peak_tflops)
     flops_per_token = model_flops_per_token(source.config, config.max_seq_len)
@@ -153,6 +131,14 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     # Pipeline stages: the schedule runs the step's micro-batches, the grad norm spans every stage.
     runner = PipelineRunner(model, gangs, schedule=config.pipeline_schedule, micro_batches=config.gradient_accumulation,
                             loss_chunk_size=config.loss_chunk_size, scaler=state.scaler) if gangs.pp.size > 1 else None
+    save = checkpoint_saver(config, checkpoints=checkpoints, model=model, optimizer=optimizer, state=state,
+                            model_config=model_config_dict, gangs=gangs, tokenizer=tokenizer, source=source, lora=lora,
+                            runner=runner)
+
+    def save_checkpoint() -> None:
+        check_finite()  # never save a non-finite state: the newest checkpoint stays the last good one
+        save()
+
     # The memory model's figure beside the measured peak in the first metrics line, so its error shows.
     predicted = {"predicted_peak_memory_gib": predicted_peak_gib(config, source.config, dp_size=gangs.dp.size,
                                                                  tp_size=gangs.tp.size)}

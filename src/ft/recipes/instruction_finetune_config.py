@@ -60,12 +60,6 @@ class InstructionFinetuneConfig(LmTrainingConfig):
     """auto: choose data/tensor/pipeline parallel sizes, activation checkpointing and optimizer offload from the
     model, the processes, GPU memory, max_num_tokens and max_seq_len (keys set away from their defaults are kept)."""
 
-    # Checkpoints.
-    save_model_only: bool = False
-    """Checkpoints hold only the HF-layout model, no trainer state: smaller and faster, but the run cannot resume."""
-    checkpoint_in_background: bool = True
-    """Write checkpoints on a worker thread while training goes on (the next save and the end of the run wait)."""
-
     POSITIVE_KEYS: ClassVar[tuple[str, ...]] = LmTrainingConfig.POSITIVE_KEYS + ("pipeline_parallel_size",)
 
     # Resuming OUT with a different value of these is refused (ft.recipes.run_config):

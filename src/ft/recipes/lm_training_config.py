@@ -91,6 +91,10 @@ class LmTrainingConfig:
     resume_checkpoint_dir: str | None = None
     """Start from another run's weights: a `checkpoints` directory, with
     `model=last_checkpoint` or `model=checkpoint_step_N`."""
+    save_model_only: bool = False
+    """Checkpoints hold only the HF-layout model, no trainer state: smaller and faster, but the run cannot resume."""
+    checkpoint_in_background: bool = True
+    """Write checkpoints on a worker thread while training goes on (the next save and the end of the run wait)."""
 
     # Metrics and validation.
     publish_metrics_every_n_steps: int = 10

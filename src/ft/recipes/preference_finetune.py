@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 from ft.errors import EXIT_OK, EXIT_STOPPED, ConfigError
 from ft.gang import Gangs, setup_gangs
-from ft.lora.training import export_lora, start_lora, with_lora
+from ft.lora.training import start_lora, with_lora
 from ft.models import create_model, model_flops_per_token
 from ft.models.parallelize import parallelize_model
 from ft.preference.data import PairPlanner, iter_pair_batches, pair_reader, read_pairs
@@ -30,12 +29,12 @@ from ft.preference.reference import compute_reference, load_reference, reference
 from ft.preference.step import (
     PreferenceStats, accumulate_pair_gradients, preference_loss, publish_preference_stats, validate_pairs,
 )
+from ft.recipes.checkpoint_saving import checkpoint_saver
 from ft.recipes.lm_setup import (
-    DTYPES, open_checkpoints, open_metric_recorders, pad_id, resolve_dtype,
+    open_checkpoints, open_metric_recorders, pad_id, resolve_dtype,
     resolve_model_and_tokenizer, setup_run_logging, start_trainer_state,
 )
 from ft.recipes.preference_finetune_config import PreferenceFinetuneConfig
-from ft.training.export import export_hf_model
 from ft.training.metrics import device_peak_tflops, format_metrics
 from ft.training.nonfinite import NonFiniteGuard
 from ft.training.optim import build_optimizer
@@ -79,7 +78,11 @@ def train(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs) -> i
         dp_rank=gangs.dp.rank, gradient_accumulation=config.gradient_accumulation, pad_id=pad_id(tokenizer),
     )
 
-    checkpoints, resume_step = open_checkpoints(config, output_dir, gangs, lora=lora)
+    if config.save_model_only:
+        log.warning("save_model_only: checkpoints hold only the model, no trainer state; this run cannot be resumed")
+    checkpoints, resume_step = open_checkpoints(config, output_dir, gangs, lora=lora,
+                                                background=config.checkpoint_in_background,
+                                                single_process=gangs.root.size == 1)
     mixed = config.mixed_precision and dtype != torch.float32
     torch.manual_seed(config.seed)
 
@@ -146,16 +149,12 @@ def _train_loop(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs
         newest = checkpoints.dir / f"step_{saved_step}" if saved_step is not None else None
         nonfinite.check(state.step, newest_checkpoint=newest and str(newest), learning_rate=config.learning_rate)
 
+    save = checkpoint_saver(config, checkpoints=checkpoints, model=model, optimizer=optimizer, state=state,
+                            model_config=model_config_dict, gangs=gangs, tokenizer=tokenizer, source=source, lora=lora)
+
     def save_checkpoint() -> None:
-        check_finite()
-        export = functools.partial(export_hf_model, model, is_main=gangs.is_main,
-                                   dtype=DTYPES[config.save_model_dtype], tokenizer=tokenizer)
-        if lora is not None:
-            export = functools.partial(export_lora, model, is_main=gangs.is_main, dtype=DTYPES[config.save_model_dtype],
-                                       config=lora, source=source, tokenizer=tokenizer)
-        path = checkpoints.save(state.step, model=model, optimizer=optimizer, extra=state.state_dict(),
-                                model_config=model_config_dict, export_model=export)
-        log.info("saved checkpoint %s", path)
+        check_finite()  # never save a non-finite state: the newest checkpoint stays the last good one
+        save()
 
     recorders = open_metric_recorders(config, output_dir, gangs, start_step=state.step)
     peak_tflops, peak_source = device_peak_tflops(device, config.peak_tflops)
@@ -171,6 +170,7 @@ def _train_loop(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs
     stats = PreferenceStats.zero(device)
     progress = TrainingProgress(total=config.max_num_steps, start=state.step, enabled=gangs.is_main)
     stopped = False
+    first_step = state.step + 1
     model.train()
     with progress:
         while state.step < config.max_num_steps:
@@ -187,6 +187,8 @@ def _train_loop(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs
             nonfinite.end_step(stats, step_loss, grad_norm)
             state.step += 1
             step = state.step
+            if step == first_step:  # the optimizer has its state now
+                checkpoints.prepare(model, optimizer, model_only=config.save_model_only)
             stats.steps += 1
             progress.advance(step)
             if step % config.publish_metrics_every_n_steps == 0 or step == config.max_num_steps:
@@ -212,10 +214,12 @@ def _train_loop(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs
                 saved_step = step
             if stopping:
                 stopped = True
-                log.warning("stopped by signal at step %d; checkpoint saved, re-run the same command to resume", step)
+                log.warning("stopped by signal at step %d; %s", step, "model saved (save_model_only: no resume)"
+                            if config.save_model_only else "checkpoint saved, re-run the same command to resume")
                 break
     if saved_step != state.step:
         save_checkpoint()
+    checkpoints.close()  # the last save is complete before the run ends
     if recorders is not None:
         recorders.close()
     return EXIT_STOPPED if stopped else EXIT_OK
