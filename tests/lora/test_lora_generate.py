@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from ft.cli import main
 from tests.recipes.conftest import run_finetune, user_assets  # noqa: F401  (a fixture)
 
-LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "dtype=float32", "save_model_dtype=float32",
-        "learning_rate=1e-2"]
+from tests.lora.lora_runs import LORA, lora_run  # noqa: F401  (a fixture)
 PROMPTS = [{"src": "Name three colours."}, {"src": "What is 2 + 3?"}]
 
 
@@ -23,17 +20,6 @@ def generate(out, prompts, *overrides) -> list[list[int]]:
                  "generator_config.max_gen_len=8", "generator_config.greedy=true", *overrides]) == 0
     lines = (out / "output" / "rank_0.jsonl").read_text().splitlines()
     return [json.loads(line)["token_ids"] for line in lines]
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """One LoRA run shared by the tests (with no user cards, as `user_assets` gives the tests)."""
-    root = tmp_path_factory.mktemp("lora_run")
-    (root / "cards").mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FT_USER_ASSET_DIR", str(root / "cards"))
-        assert run_finetune(root / "run", *LORA, "max_num_steps=3", "lora.export_merged=true") == 0
-    return root / "run"
 
 
 def test_generate_with_an_adapter_equals_the_merged_model(tmp_path, user_assets, lora_run):

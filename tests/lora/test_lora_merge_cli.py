@@ -13,25 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from ft.cli import main
-from tests.recipes.conftest import run_finetune, user_assets  # noqa: F401  (a fixture)
+from tests.recipes.conftest import user_assets  # noqa: F401  (a fixture)
 
-LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "dtype=float32", "save_model_dtype=float32",
-        "learning_rate=1e-2"]
+from tests.lora.lora_runs import lora_run  # noqa: F401  (a fixture)
 
 
 def merge(out, *overrides) -> int:
     return main(["lm", "merge_lora", str(out), "--config", *overrides])
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """One LoRA run shared by the tests (with no user cards, as `user_assets` gives the tests)."""
-    root = tmp_path_factory.mktemp("lora_run")
-    (root / "cards").mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FT_USER_ASSET_DIR", str(root / "cards"))
-        assert run_finetune(root / "run", *LORA, "max_num_steps=3", "lora.export_merged=true") == 0
-    return root / "run"
 
 
 def test_transformers_loads_the_merge_with_the_adapters_logits(tmp_path, user_assets, lora_run):
