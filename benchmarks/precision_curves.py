@@ -16,6 +16,8 @@ run's directory is deleted once read), `torch_compile` at its default:
   bf16_sr      mixed_precision=false bf16_stochastic_rounding=true: bf16 parameters, each update
                computed in float32 (float32 states) and rounded back stochastically
   bf16_plain   mixed_precision=false: bf16 parameters and states, updates rounded to nearest
+  fp8_tensorwise  (optional, `--variants`; CUDA with torchao) fp32_master with float8 linears (tensorwise
+               scaling): its loss curve against fp32_master's, e.g. `--variants fp32_master,fp8_tensorwise --steps 300`
   fp32_master_repeat  (optional, `--variants`) fp32_master again: on a GPU the kernels are not
                bitwise deterministic, so its distance from fp32_master is a floor for the noise
 
@@ -74,6 +76,7 @@ VARIANTS = {
     "bf16_sr": ["mixed_precision=false", "bf16_stochastic_rounding=true"],
     "bf16_plain": ["mixed_precision=false"],
     "fp32_master_repeat": ["mixed_precision=true"],
+    "fp8_tensorwise": ["mixed_precision=true", "fp8=tensorwise"],
 }
 DEFAULT_VARIANTS = "fp32_master,bf16_sr,bf16_plain"
 REFERENCE = "fp32_master"
