@@ -138,6 +138,7 @@ def parallelize_model(
     loss_parallel: bool = False,
     fp8: str = "none",
     sequence_parallel: bool = False,
+    async_tp: bool = False,
 ) -> nn.Module:
     """Apply TP, activation checkpointing, compile and FSDP2/DDP to `model` in place
     (see the module doc) and return it. Build `model` on the meta device.
@@ -149,6 +150,8 @@ def parallelize_model(
     recomputes each whole block in backward; "selective" recomputes only its
     elementwise ops (see `_selective_checkpoint_context`). `fp8`: "none", or torchao's
     float8 recipe for the linear layers ("tensorwise", "rowwise"; see `ft.models.fp8`).
+    `async_tp`: with TP, sequence parallelism and compile on CUDA, overlap TP's collectives
+    with the matmuls (`ft.models.async_tp`; the recipe checks those conditions).
     """
     tp_size, dp_size = gangs.tp.size, gangs.dp.size
     check_parallel_layout(
@@ -168,6 +171,10 @@ def parallelize_model(
         plan = family_of(model).tp_plan(loss_parallel)
         if sequence_parallel:
             plan = sequence_parallel_plan(plan)
+        if async_tp:  # before the blocks compile: the pass runs when inductor lowers them
+            from ft.models.async_tp import enable_async_tp
+
+            enable_async_tp(gangs.tp_mesh.get_group().group_name)
         plan = _present_in(model, plan)
         parallelize_module(model, gangs.tp_mesh, _module_styles(model, plan))
         if sequence_parallel and hasattr(model.model, "norm"):

@@ -20,6 +20,7 @@ from ft.errors import EXIT_OK, EXIT_STOPPED
 from ft.gang import Gangs, setup_gangs
 from ft.lora.training import adapter_to_start_from, start_lora, with_lora
 from ft.models import create_model, model_flops_per_token
+from ft.models.async_tp import check_async_tp
 from ft.models.fp8 import check_fp8_support
 from ft.models.parallelize import parallelize_model
 from ft.models.pipeline import check_pipeline_layout, with_pipeline
@@ -83,6 +84,8 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
         log.info("weights: %s", source.description if source.checkpoint is not None
                  else f"random initialisation (seed {config.seed}), {source.description} has no checkpoint")
     compile_blocks = resolve_compile(config.torch_compile, device.type)
+    check_async_tp(enabled=config.async_tensor_parallel, device_type=device.type, compiled=compile_blocks,
+                   tp_size=gangs.tp.size, sequence_parallel=config.sequence_parallel)
 
     def parallelize(model):
         return parallelize_model(
@@ -90,6 +93,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             activation_checkpointing=config.activation_checkpointing, compile=compile_blocks,
             reshard_after_forward=config.fsdp_reshard_after_forward, param_dtype=dtype if mixed else None,
             reduce_dtype=torch.float32, fp8=config.fp8, sequence_parallel=config.sequence_parallel,
+            async_tp=config.async_tensor_parallel,
         )
 
     parallelize = with_pipeline(parallelize, pp_rank=gangs.pp.rank, pp_size=gangs.pp.size,

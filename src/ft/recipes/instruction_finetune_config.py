@@ -56,6 +56,9 @@ class InstructionFinetuneConfig(LmTrainingConfig):
     sequence_parallel: bool = False
     """With tensor_parallel_size > 1: norms and the residual stream sharded over the sequence between blocks
     (not with pipeline_parallel_size > 1 yet)."""
+    async_tensor_parallel: bool = False
+    """With sequence_parallel, compile and CUDA GPUs: overlap TP's all-gathers and reduce-scatters with the
+    matmuls (torch's micro-pipeline TP pass, symmetric memory)."""
     parallel_plan: Literal["manual", "auto"] = "manual"
     """auto: choose data/tensor/pipeline parallel sizes, activation checkpointing and optimizer offload from the
     model, the processes, GPU memory, max_num_tokens and max_seq_len (keys set away from their defaults are kept)."""
