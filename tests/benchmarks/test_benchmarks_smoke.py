@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.gsm8k_like import write_gsm8k_like
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -77,20 +78,9 @@ def test_train_throughput_full_rows(tmp_path, workload):
     assert "ft_" in proc.stdout and "tok/s" in proc.stdout
 
 
-def _write_gsm8k(path: Path, n: int = 120) -> None:
-    rng = random.Random(0)
-    words = "apples pencils friends dollars minutes books cookies marbles stickers hours".split()
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b, w = rng.randint(2, 99), rng.randint(2, 99), rng.choice(words)
-            question = f"Tom has {a} {w}. He buys {b} more {w}. " * rng.randint(1, 3) + f"How many {w} does he have?"
-            steps = "\n".join(f"Step: {a}+{b} = <<{a}+{b}={a + b}>>{a + b} {w}." for _ in range(rng.randint(1, 4)))
-            f.write(json.dumps({"question": question, "answer": f"{steps}\n#### {a + b}"}) + "\n")
-
-
 def test_train_throughput_gsm8k_packing_vs_padding(tmp_path):
     data = tmp_path / "gsm8k.jsonl"
-    _write_gsm8k(data)
+    write_gsm8k_like(data, 120)
     out = tmp_path / "c.json"
     _run([sys.executable, str(BENCH / "train_throughput.py"), "--workload", "c", "--device", "cpu", "--tiny",
           "--gsm8k", str(data), "--out", str(out)], tmp_path)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.gsm8k_like import write_gsm8k_like
 
 pytest.importorskip("tokenizers")
 
@@ -21,21 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "precision_curves.py"
 
 
-def _write_rows(path: Path, n: int = 200) -> None:
-    rng = random.Random(0)
-    words = "apples pencils friends dollars minutes books cookies marbles".split()
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b, w = rng.randint(2, 99), rng.randint(2, 99), rng.choice(words)
-            question = f"Tom has {a} {w}. He buys {b} more {w}. " * rng.randint(1, 3) + f"How many {w} does he have?"
-            f.write(json.dumps({"question": question, "answer": f"{a}+{b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"})
-                    + "\n")
-
-
 def _run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     data = tmp_path / "gsm8k.jsonl"
     if not data.exists():
-        _write_rows(data)
+        write_gsm8k_like(data, 200)
     out = tmp_path / "curves.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--gsm8k", str(data),
