@@ -1,6 +1,7 @@
-"""LoRA under FSDP2, HSDP, DDP and tensor parallelism on 2 gloo processes (torchrun),
-float32: dp=2 trains like one process with gradient_accumulation=2, tp=2 like one
-process, compared by loss curve and the saved adapters."""
+"""LoRA under FSDP2, HSDP, DDP and tensor parallelism, and QLoRA under FSDP2, on
+2 gloo processes (torchrun), float32: dp=2 trains like one process with
+gradient_accumulation=2, tp=2 like one process, compared by loss curve and the saved
+adapters."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.recipes.conftest import FAST, user_assets  # noqa: F401  (a fixture)
 
 SETTINGS = [*FAST, "dtype=float32", "save_model_dtype=float32", "max_num_steps=3", "lora.enabled=true",
             "lora.rank=4", "lora.alpha=8", "learning_rate=1e-2"]
+NF4 = "lora.base_quantization=nf4"
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
 
@@ -47,6 +49,8 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     # HSDP with 2 replicas of 1 shard: the replicate dim alone carries the gradient reduction.
     (["fsdp_replicas=2"], ["gradient_accumulation=2"], 1e-5),
     (["tensor_parallel_size=2"], [], 1e-4),
+    # QLoRA: every layout quantizes each weight whole, so both hold the same NF4 base.
+    (["data_parallelism=fsdp", NF4], ["gradient_accumulation=2", NF4], 1e-5),
 ])
 def test_lora_on_two_processes_trains_like_one(tmp_path, user_assets, layout, reference, atol):
     launch(tmp_path / "one", 1, *reference, asset_dir=user_assets)

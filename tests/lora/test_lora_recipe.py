@@ -119,7 +119,6 @@ def test_lora_and_full_runs_do_not_resume_each_other(tmp_path, user_assets):
 @pytest.mark.parametrize("override, message", [
     ("lora.rank=0", "'lora.rank' must be at least 1"),
     ("lora.target_modules=[q_proj,qkv]", "'qkv' is not a linear layer.*valid names: down_proj"),
-    ("lora.base_quantization=nf4", "nf4"),
 ])
 def test_bad_lora_settings_fail_with_a_message(tmp_path, user_assets, capsys, override, message):
     assert run_finetune(tmp_path / "run", *LORA, override, "max_num_steps=2") != 0

@@ -108,15 +108,18 @@ class LoraRowwiseParallel(RowwiseParallel):
 def quantize_frozen_linears(model: nn.Module, *, dtype: torch.dtype) -> int:
     """Replace the frozen weights of every adapted linear with NF4 (quantized from `dtype`).
 
-    Call after the weights are loaded and before any sharding: one process only.
+    Call after the weights are loaded and before the first forward: FSDP2 adopts the
+    new sharded parameters when it initializes lazily there. A collective under FSDP2.
     Returns the number of weights quantized.
     """
-    to_nf4 = quant._nf4_module().to_nf4
     count = 0
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and not module.weight.requires_grad and not quant.is_nf4(module.weight):
-            module.weight = nn.Parameter(to_nf4(module.weight.detach().to(dtype)), requires_grad=False)
-            count += 1
+    for name, module in model.named_modules():
+        weight = module.weight if isinstance(module, LoraLinear) else None
+        if weight is None or weight.requires_grad or quant.is_nf4(getattr(weight, "_local_tensor", weight)):
+            continue
+        module.weight = nn.Parameter(quant.quantize(weight.detach(), dtype=dtype, name=f"{name}.weight"),
+                                     requires_grad=False)
+        count += 1
     return count
 
 

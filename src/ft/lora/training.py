@@ -30,8 +30,8 @@ log = logging.getLogger("ft")
 MERGED_SUBDIR = "merged"
 
 
-def check_lora_run(config: LoraConfig, *, source: Any, device: torch.device, dp_size: int, tp_size: int,
-                   pp_size: int = 1) -> None:
+def check_lora_run(config: LoraConfig, *, source: Any, dp_size: int, tp_size: int, pp_size: int = 1,
+                   data_parallelism: str = "fsdp", fsdp_replicas: int = 1) -> None:
     """ConfigError for a LoRA run that cannot work with this model and layout."""
     if source.checkpoint is None:
         raise ConfigError(f"LoRA trains adapters on a base with weights, but {source.description} has no checkpoint; "
@@ -39,10 +39,20 @@ def check_lora_run(config: LoraConfig, *, source: Any, device: torch.device, dp_
     if config.base_quantization == "nf4":
         from ft.lora.quant import check_nf4_available
 
-        check_nf4_available(device)
-        if dp_size > 1 or tp_size > 1 or pp_size > 1:
-            raise ConfigError("lora.base_quantization=nf4 runs on one process; sharding NF4 base weights "
-                              "(FSDP2, tensor parallel or pipeline stages) is not supported yet")
+        check_nf4_available()
+        if tp_size > 1 or pp_size > 1:
+            raise ConfigError("lora.base_quantization=nf4 runs on one process or under FSDP2; splitting NF4 "
+                              "base weights by tensor parallelism or pipeline stages is not supported: use "
+                              "tensor_parallel_size=1 and pipeline_parallel_size=1 with QLoRA")
+        if dp_size > 1 and data_parallelism == "ddp":
+            # DDP's start-up broadcast of the NF4 parameters leaves the other ranks a slightly different base.
+            raise ConfigError("config key 'data_parallelism' (ddp) does not combine with lora.base_quantization=nf4; "
+                              "use data_parallelism=fsdp (FSDP2 shards the NF4 base)")
+        if fsdp_replicas > 1 and dp_size == fsdp_replicas:
+            # FSDP2 gathers nothing for one process per shard group and skips torchao's NF4 all-gather.
+            raise ConfigError(f"config key 'fsdp_replicas' ({fsdp_replicas}) leaves one process per FSDP shard group, "
+                              "which lora.base_quantization=nf4 does not support; use fewer replicas (at least 2 "
+                              "processes per replica)")
 
 
 def lora_fingerprint(config: LoraConfig) -> dict[str, Any]:

@@ -115,9 +115,10 @@ def check_pipeline_settings(config: InstructionFinetuneConfig) -> None:
         raise ConfigError(f"config keys 'sequence_parallel' and 'pipeline_parallel_size' "
                           f"({config.pipeline_parallel_size}) do not combine yet; use sequence_parallel=false "
                           f"with pipeline stages")
-    if config.lora.enabled and config.lora.base_quantization == "nf4":  # NF4 weights are not split or sharded yet
+    if config.lora.enabled and config.lora.base_quantization == "nf4":  # NF4 weights are not split into stages yet
         raise ConfigError(f"config key 'lora.base_quantization' (nf4, QLoRA) cannot be combined with "
-                          f"pipeline_parallel_size={config.pipeline_parallel_size}: QLoRA runs on one process; use "
+                          f"pipeline_parallel_size={config.pipeline_parallel_size}: NF4 base weights are not split into "
+                          f"stages (QLoRA runs on one process or under FSDP2); use "
                           f"lora.base_quantization=none (the frozen base in dtype) with pipeline stages, or "
                           f"pipeline_parallel_size=1")
     for key, bad in (("optimizer_in_backward", config.optimizer_in_backward),

@@ -73,8 +73,8 @@ def resolve_model_and_tokenizer(config, gangs: Gangs):
     check_model_vocabulary(tokenizer, source)
     lora = config.lora if config.lora.enabled else None
     if lora is not None:
-        check_lora_run(lora, source=source, device=gangs.device, dp_size=gangs.dp.size, tp_size=gangs.tp.size,
-                       pp_size=gangs.pp.size)
+        check_lora_run(lora, source=source, dp_size=gangs.dp.size, tp_size=gangs.tp.size, pp_size=gangs.pp.size,
+                       data_parallelism=config.data_parallelism, fsdp_replicas=config.fsdp_replicas)
     return source, tokenizer, lora
 
 
