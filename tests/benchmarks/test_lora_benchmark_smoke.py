@@ -27,8 +27,8 @@ def test_lora_memory_workload_tiny(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     by_name = {r["name"]: r for r in doc["results"]}
-    assert by_name["ft_qlora_ac"]["status"] == by_name["hf_peft_qlora_ac"]["status"] == "skipped"
-    for name in ("ft_lora_ac", "hf_peft_lora_ac"):
+    assert by_name["hf_peft_qlora_ac"]["status"] == "skipped"  # bitsandbytes is not installed
+    for name in ("ft_lora_ac", "ft_qlora_ac", "hf_peft_lora_ac"):
         result = by_name[name]
         assert result["status"] == "ok", result
         assert result["tokens_per_s"] > 0 and 0 < result["mfu_lora_count_measured_peak"] < result["mfu_measured_peak"]
