@@ -7,8 +7,8 @@ so far) and materialises full-size temporaries (the variance estimate, the updat
 a float32 copy of a bf16 parameter for stochastic rounding): for the 128k x 4096
 embedding of an 8B model that is several GiB at once. Here the scalars stay on the
 device and a matrix is stepped in row blocks of at most `max_chunk_numel` elements,
-in three passes (statistics; the update's norm; the write), each block's update
-recomputed rather than kept.
+in three passes (statistics, by whole-tensor reductions; the update's norm; the
+write), each block's update recomputed rather than kept (kept when there is one).
 
 `stochastic_rounding=True` computes a bfloat16 parameter's step in float32 (states
 in float32) and rounds each block back stochastically
@@ -76,22 +76,17 @@ class Adafactor(torch.optim.Adafactor):
         decay = 1 - lr * group["weight_decay"]
         blocks = self._blocks(param)
 
-        # Pass 1: the parameter's norm and the gradient's second-moment statistics.
-        param_sq = None
+        # Pass 1: the parameter's norm and the gradient's second-moment statistics (reductions
+        # read the tensors in place, accumulating in float32: no copies, no blocks needed).
+        param_sq = torch.linalg.vector_norm(param, dtype=torch.float32).square()
         if grad.dim() > 1:
             row_var, col_var = state["row_var"], state["col_var"]
-            col_sq = None
-            for rows in blocks:
-                g = _rows(grad, rows).to(work)
-                param_sq = _add(param_sq, torch.linalg.vector_norm(_rows(param, rows), dtype=torch.float32).square())
-                row_mean = torch.norm(g, dim=-1, keepdim=True).square_().div_(grad.size(-1))
-                _rows(row_var, rows).lerp_(row_mean, one_minus_beta2)
-                block_sq = g.square().sum(dim=-2, keepdim=True, dtype=torch.float32)
-                col_sq = block_sq if col_sq is None else col_sq + block_sq
-            col_var.lerp_(col_sq.div_(grad.size(-2)).to(work), one_minus_beta2)
+            for var, dim in ((row_var, -1), (col_var, -2)):
+                # out of place: on a sharded gradient the column norm is a partial sum
+                mean = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=torch.float32).square()
+                var.lerp_(mean.div(grad.size(dim)).to(work), one_minus_beta2)
             row_var_mean = row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1)
         else:
-            param_sq = torch.linalg.vector_norm(param, dtype=torch.float32).square()
             state["variance"].lerp_(grad.to(work).square(), one_minus_beta2)
 
         def update(rows) -> Tensor:
@@ -103,9 +98,11 @@ class Adafactor(torch.optim.Adafactor):
 
         # Pass 2: the update's RMS (torch clips it to d); pass 3: the write.
         numel = param.numel()
-        update_sq = None
+        update_sq, kept = None, None
         for rows in blocks:
-            update_sq = _add(update_sq, torch.linalg.vector_norm(update(rows), dtype=torch.float32).square())
+            values = update(rows)
+            update_sq = _add(update_sq, torch.linalg.vector_norm(values, dtype=torch.float32).square())
+            kept = values if len(blocks) == 1 else None  # one block: pass 3 reuses it
         alpha = torch.clamp((param_sq / numel).sqrt(), min=eps2) * rho
         scale = -alpha / torch.clamp((update_sq / numel).sqrt() / group["d"], min=1.0)
         generator = rounding_generator(_local(param).device, seed=self.seed, index=index, step=int(step)) \
@@ -115,7 +112,7 @@ class Adafactor(torch.optim.Adafactor):
             new = target.to(work)  # a copy only when rounding
             if decay != 1:
                 new = new.mul_(decay) if rounds else target.mul_(decay)
-            step_values = update(rows).mul_(scale.to(work))
+            step_values = (kept if kept is not None else update(rows)).mul_(scale.to(work))
             if rounds:
                 new = new.add_(step_values)
                 _local(target).copy_(stochastic_round_to_bf16(_local(new), generator=generator))
