@@ -56,6 +56,20 @@ def test_in_backward_equals_the_plain_step(name):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_a_dropped_model_and_in_backward_optimizer_free_their_memory():
+    import gc
+    import weakref
+
+    model = small_model()
+    optimizer = build_optimizer(model, OptimizerSettings(name="adafactor", learning_rate=1e-2, in_backward=True))
+    train(model, optimizer, 2, in_backward=True)
+    param = weakref.ref(next(model.parameters()))
+    del model, optimizer
+    gc.collect()
+    # the backward hooks live where the garbage collector cannot see them: they must not keep the model alive
+    assert param() is None
+
+
 def test_in_backward_reports_the_gradient_norm():
     model = small_model()
     x, y = data()

@@ -24,6 +24,7 @@ the parameter's dtype (which `Optimizer.load_state_dict` would do).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -76,7 +77,7 @@ class PerParameterOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
             self._slots[param] = _Slot(index, inner, target)
             if in_backward:
-                self._hooks.append(param.register_post_accumulate_grad_hook(self._step_param))
+                self._hooks.append(param.register_post_accumulate_grad_hook(_step_through(weakref.ref(self))))
 
     # -- stepping -------------------------------------------------------------------
 
@@ -223,3 +224,17 @@ class PerParameterOptimizer(torch.optim.Optimizer):
                     value = value.to(device)
                 restored[key] = value
             slot.inner.state[slot.target] = restored
+
+
+def _step_through(optimizer_ref: "weakref.ref[PerParameterOptimizer]") -> Callable[[Tensor], None]:
+    """The backward hook, holding the optimizer weakly: a hook lives in the parameter's C++
+    side, where the garbage collector cannot see the cycle parameter -> hook ->
+    optimizer -> parameter, so a strong reference would keep the model's memory alive
+    after both are dropped."""
+    def step_param(param: Tensor) -> None:
+        optimizer = optimizer_ref()
+        if optimizer is not None:
+            optimizer._step_param(param)
+
+    return step_param
+
