@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ft.errors import ConfigError
 from ft.lora import LoraConfig, apply_lora, init_lora_weights
 from ft.models import build_model
 from ft.training.optim import build_optimizer
 from ft.training.stop_signal import StopSignal
+from tests.lora.lora_runs import assert_trainer_state_holds_only_adapters
 from tests.recipes.conftest import read_metrics, run_finetune, user_assets  # noqa: F401  (a fixture)
 
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "dtype=float32", "save_model_dtype=float32",
@@ -76,12 +76,7 @@ def test_lora_run_saves_only_adapters_and_resumes_exactly(tmp_path, user_assets,
     # The trainer state is the adapters and their optimizer state, not the base.
     trainer_bytes = sum(f.stat().st_size for f in (step_dir / "trainer").glob("*.distcp"))
     assert trainer_bytes < 4 * 3 * sum(t.numel() * 4 for t in a.values())
-    from torch.distributed.checkpoint import FileSystemReader
-
-    saved = FileSystemReader(str(step_dir / "trainer")).read_metadata().state_dict_metadata
-    model_keys = [k for k in saved if k.startswith("model.")]
-    # not even the tied lm_head, which torch keeps under its second name
-    assert model_keys and all(".lora_" in k for k in model_keys), model_keys
+    assert_trainer_state_holds_only_adapters(step_dir)
 
 
 def test_peft_and_transformers_load_the_checkpoint_exports(tmp_path, user_assets):

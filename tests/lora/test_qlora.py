@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ft.errors import ConfigError
 from ft.lora import LoraConfig
 from ft.lora.training import check_lora_run
-from tests.lora.lora_runs import LORA
+from tests.lora.lora_runs import LORA, assert_trainer_state_holds_only_adapters
 from tests.lora.test_lora_recipe import stop_after
 from tests.recipes.conftest import read_metrics, run_finetune, user_assets  # noqa: F401  (a fixture)
 
@@ -47,11 +47,7 @@ def test_qlora_loss_falls_the_base_stays_out_of_the_trainer_state_and_a_run_resu
     b = load_file(resumed / "checkpoints" / "step_6" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    from torch.distributed.checkpoint import FileSystemReader
-
-    saved = FileSystemReader(str(full / "checkpoints" / "step_6" / "trainer")).read_metadata().state_dict_metadata
-    model_keys = [k for k in saved if k.startswith("model.")]
-    assert model_keys and all(".lora_" in k for k in model_keys), model_keys
+    assert_trainer_state_holds_only_adapters(full / "checkpoints" / "step_6")
 
 
 def test_qlora_exports_use_the_original_base(tmp_path, user_assets):
