@@ -142,3 +142,10 @@ def test_module_head_path_equals_linear_path(model, one_thread):
         grads.append((logp.detach(), hidden.grad.clone(), head.weight.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_every_criterion_has_a_config_section_and_a_loss():
+    from ft.preference.criteria import CRITERIA
+    from ft.preference.criterion_config import CRITERION_SECTIONS
+
+    assert CRITERIA.names() == CRITERION_SECTIONS.names()

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 from ft.errors import ConfigError
+from ft.registry import Registry
 
 
 @dataclass(kw_only=True)
@@ -59,10 +60,8 @@ class CriterionConfig:
     cpo: CpoConfig = field(default_factory=CpoConfig)
 
     def __post_init__(self) -> None:
-        from ft.preference.criteria import CRITERIA  # the losses import torch; `--help` reads this class without it
-
-        CRITERIA.get(self.name, key="criterion.name")
-        for section in ("dpo", "simpo", "orpo", "cpo"):
+        CRITERION_SECTIONS.get(self.name, key="criterion.name")
+        for section in CRITERION_SECTIONS.names():
             for key, value in vars(getattr(self, section)).items():
                 if isinstance(value, float) and (not math.isfinite(value) or value < 0):
                     raise ConfigError(f"config key 'criterion.{section}.{key}' must be a finite number >= 0, "
@@ -80,4 +79,10 @@ class CriterionConfig:
         return self.name == "dpo" and not self.dpo.reference_free
 
 
-__all__ = ["CpoConfig", "CriterionConfig", "DpoConfig", "OrpoConfig", "SimpoConfig"]
+# The criteria by name, each with its config section (the losses, which import torch,
+# register under the same names in `ft.preference.criteria.CRITERIA`).
+CRITERION_SECTIONS: Registry[type] = Registry("preference criterion")
+for _name, _section in (("dpo", DpoConfig), ("simpo", SimpoConfig), ("orpo", OrpoConfig), ("cpo", CpoConfig)):
+    CRITERION_SECTIONS.register(_name, _section)
+
+__all__ = ["CRITERION_SECTIONS", "CpoConfig", "CriterionConfig", "DpoConfig", "OrpoConfig", "SimpoConfig"]

@@ -34,13 +34,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from ft.errors import DataError
+from ft.tokenizers.mistral_chat import B_INST, E_INST, MISTRAL_JINJA, encode_mistral  # Llama 2 shares [INST]
+from ft.tokenizers.qwen_chat import QWEN2_5_JINJA, QWEN3_JINJA, encode_chatml
 
 if TYPE_CHECKING:
     from ft.tokenizers.base import Message, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
-B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 LLAMA3_JINJA = (
@@ -78,9 +79,6 @@ CHATML_JINJA = (
 
 def jinja_chat_template(chat_format: str) -> str:
     """The transformers `chat_template` that renders the same string as `encode_chat`."""
-    from ft.tokenizers.mistral import MISTRAL_JINJA
-    from ft.tokenizers.qwen import QWEN2_5_JINJA, QWEN3_JINJA
-
     return {"llama3": LLAMA3_JINJA, "llama2": LLAMA2_JINJA, "chatml": CHATML_JINJA, "qwen3": QWEN3_JINJA,
             "qwen2_5": QWEN2_5_JINJA, "mistral": MISTRAL_JINJA}[chat_format]
 
@@ -93,12 +91,8 @@ def encode_chat(
     if tokenizer.chat_format == "llama3":
         return _encode_llama3(tokenizer, messages, add_generation_prompt)
     if tokenizer.chat_format in ("chatml", "qwen3", "qwen2_5"):
-        from ft.tokenizers.qwen import encode_chatml
-
         return encode_chatml(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     if tokenizer.chat_format == "mistral":
-        from ft.tokenizers.mistral import encode_mistral
-
         return encode_mistral(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     return _encode_llama2(tokenizer, messages, add_generation_prompt)
 
