@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "predicted_peak_memory_gib": next((r["predicted_peak_memory_gib"] for r in rows
                                            if "predicted_peak_memory_gib" in r), None),
         "measured_peak_memory_gib": max((r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r), default=None),
-        "plan_lines": [line for line in run.stderr.splitlines() if "parallel plan:" in line],
+        "plan_lines": [line for line in (run.stdout + run.stderr).splitlines() if "parallel plan:" in line],
         "wall_s": wall,
     }
     text = json.dumps(result, indent=2)
