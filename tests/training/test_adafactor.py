@@ -92,3 +92,42 @@ def test_stochastic_rounding_keeps_float32_states_and_follows_float32():
         # under two on average
         torch.testing.assert_close(got.float(), want, rtol=8 * 2**-8, atol=2e-3)
         assert float((got.float() - want).abs().mean()) < 2 * 2**-8 * float(want.abs().mean())
+
+
+def test_hashed_rounding_is_unbiased_and_independent_of_blocks():
+    from ft.training.stochastic_rounding import hashed_round_to_bf16
+
+    ulp = 2.0**-7  # bf16's spacing in [1, 2)
+    x = torch.full((300, 400), 1 + 0.3 * ulp)
+    key = torch.tensor(987654321)
+    whole = hashed_round_to_bf16(x, key)
+    assert set(whole.unique().tolist()) == {1.0, 1 + ulp}
+    assert abs(float((whole == 1 + ulp).float().mean()) - 0.3) < 0.01  # rounds up with probability 0.3
+    blocks = torch.cat([hashed_round_to_bf16(x[lo:lo + 70], key, lo * 400) for lo in range(0, 300, 70)])
+    assert torch.equal(blocks, whole)
+    assert not torch.equal(hashed_round_to_bf16(x, torch.tensor(987654322)), whole)  # another key, other bits
+
+
+@pytest.mark.parametrize("stochastic_rounding", [False, True])
+def test_block_passes_trace_whole_and_match_eager(stochastic_rounding):
+    """On GPUs the block passes run compiled; the same functions traced as one graph
+    (fullgraph: no graph breaks) step bitwise as they do eagerly, block offsets included."""
+    from ft.training import adafactor
+
+    torch.manual_seed(0)
+    rows, cols = 37, 24
+    grad, param = torch.randn(rows, cols).bfloat16(), torch.randn(rows, cols).bfloat16()
+    row_var, col_var = torch.rand(rows, 1), torch.rand(1, cols)
+    row_mean = row_var.mean(dim=-2, keepdim=True)
+    decay, scale = torch.tensor(0.99), torch.tensor(-0.01)
+    key = torch.tensor(12345) if stochastic_rounding else None
+    traced_sq = torch.compile(adafactor.factored_update_sq, dynamic=True, fullgraph=True, backend="aot_eager")
+    traced_apply = torch.compile(adafactor.apply_factored_update, dynamic=True, fullgraph=True, backend="aot_eager")
+    eager, traced = param.clone(), param.clone()
+    for lo, hi in [(0, 16), (16, 32), (32, 37)]:
+        block = (grad[lo:hi], row_var[lo:hi], col_var, row_mean, 1e-60, torch.float32)
+        assert torch.equal(traced_sq(*block), adafactor.factored_update_sq(*block))
+        adafactor.apply_factored_update(eager[lo:hi], *block, decay, scale, key, lo * cols)
+        traced_apply(traced[lo:hi], *block, decay, scale, key, lo * cols)
+    assert not torch.equal(eager, param)
+    assert torch.equal(traced, eager)

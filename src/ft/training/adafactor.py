@@ -7,16 +7,23 @@ so far) and materialises full-size temporaries (the variance estimate, the updat
 a float32 copy of a bf16 parameter for stochastic rounding): for the 128k x 4096
 embedding of an 8B model that is several GiB at once. Here the scalars stay on the
 device and a matrix is stepped in row blocks of at most `max_chunk_numel` elements,
-in three passes (statistics, by whole-tensor reductions; the update's norm; the
-write), each block's update recomputed rather than kept (kept when there is one).
+in three passes: the statistics (whole-tensor reductions), the update's norm, and
+the write, each block's update recomputed from the factored statistics and the
+gradient rather than kept.
+
+On a GPU the two block passes are compiled (`torch.compile`): each is one kernel
+that reads the gradient block (and the parameter block) once, instead of a dozen
+elementwise kernels each reading and writing float32 temporaries. Eager, the
+stepping of an 8B model moved about 170 bytes per parameter; compiled, about 10.
 
 `stochastic_rounding=True` computes a bfloat16 parameter's step in float32 (states
-in float32) and rounds each block back stochastically
-(`ft.training.stochastic_rounding`; the bits are seeded by (seed, parameter,
-step), so a resumed run rounds as the uninterrupted one).
+in float32) and rounds each block back stochastically, with bits hashed from (seed,
+parameter, step, element) (`ft.training.stochastic_rounding.hashed_round_to_bf16`),
+so a resumed run rounds as the uninterrupted one and the compiled write fuses the
+rounding.
 
-Sharded (DTensor) parameters are stepped whole, with the same tensor operations
-torch's Adafactor uses on them.
+Sharded (DTensor) parameters are stepped whole and eagerly, with the same tensor
+operations torch's Adafactor uses on them.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import math
 import torch
 from torch import Tensor
 
-from ft.training.stochastic_rounding import rounding_generator, stochastic_round_to_bf16
+from ft.training.stochastic_rounding import hashed_round_to_bf16, rounding_key
 
 DEFAULT_MAX_CHUNK_NUMEL = 1 << 24  # 64 MiB of float32 per temporary
 
@@ -35,6 +42,50 @@ def _is_dtensor(tensor: Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def factored_update(grad: Tensor, row_var: Tensor, col_var: Tensor, row_var_mean: Tensor, eps1_sq: float,
+                    work: torch.dtype) -> Tensor:
+    """Adafactor's update of a block of rows: the gradient over the root of the rank-1
+    estimate of its second moment (row statistics x column statistics / their mean)."""
+    estimate = row_var * col_var / row_var_mean
+    return grad.to(work) * estimate.clamp(min=eps1_sq).rsqrt()
+
+
+def factored_update_sq(grad: Tensor, row_var: Tensor, col_var: Tensor, row_var_mean: Tensor, eps1_sq: float,
+                       work: torch.dtype) -> Tensor:
+    """The squared norm (float32) of a block's update: pass 2."""
+    return factored_update(grad, row_var, col_var, row_var_mean, eps1_sq, work).float().square().sum()
+
+
+def apply_update(param: Tensor, update: Tensor, decay: Tensor, scale: Tensor, key: Tensor | None,
+                 offset: int) -> None:
+    """param <- param * decay + update * scale, in the update's dtype; rounded stochastically
+    to the bf16 `param` when `key` is given (bits of elements `offset`... of the parameter)."""
+    new = param.to(update.dtype) * decay + update * scale
+    param.copy_(new if key is None else hashed_round_to_bf16(new, key, offset))
+
+
+def apply_factored_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tensor, row_var_mean: Tensor,
+                          eps1_sq: float, work: torch.dtype, decay: Tensor, scale: Tensor, key: Tensor | None,
+                          offset: int) -> None:
+    """Pass 3 for a block of a matrix: recompute its update and write it."""
+    update = factored_update(grad, row_var, col_var, row_var_mean, eps1_sq, work)
+    apply_update(param, update, decay, scale, key, offset)
+
+
+_compiled: dict[str, object] = {}
+
+
+def _block_fns(device: torch.device):
+    """The two block passes: compiled on GPUs (each one fused kernel), eager elsewhere."""
+    if device.type != "cuda":
+        return factored_update_sq, apply_factored_update
+    if not _compiled:
+        # dynamic: blocks of many row counts (and offsets) share one graph instead of one each
+        _compiled["sq"] = torch.compile(factored_update_sq, dynamic=True, fullgraph=True)
+        _compiled["apply"] = torch.compile(apply_factored_update, dynamic=True, fullgraph=True)
+    return _compiled["sq"], _compiled["apply"]
 
 
 class Adafactor(torch.optim.Adafactor):
@@ -73,8 +124,13 @@ class Adafactor(torch.optim.Adafactor):
         eps1 = torch.finfo(work).eps if eps1 is None else eps1
         one_minus_beta2 = step ** group["beta2_decay"]
         rho = min(lr, 1 / math.sqrt(step))
-        decay = 1 - lr * group["weight_decay"]
-        blocks = self._blocks(param)
+        device = _local(param).device
+        # device scalars (fill kernels, no copies): as Python floats they would change the
+        # compiled graphs every step
+        decay = torch.full((), 1 - lr * group["weight_decay"], dtype=work, device=device)
+        key = torch.full((), rounding_key(seed=self.seed, index=index, step=int(step)), dtype=torch.int64,
+                         device=device) if rounds else None
+        numel = param.numel()
 
         # Pass 1: the parameter's norm and the gradient's second-moment statistics (reductions
         # read the tensors in place, accumulating in float32: no copies, no blocks needed).
@@ -87,37 +143,35 @@ class Adafactor(torch.optim.Adafactor):
                 var.lerp_(mean.div(grad.size(dim)).to(work), one_minus_beta2)
             row_var_mean = row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1)
         else:
-            state["variance"].lerp_(grad.to(work).square(), one_minus_beta2)
-
-        def update(rows) -> Tensor:
-            if grad.dim() > 1:
-                estimate = (_rows(row_var, rows) @ col_var).div_(row_var_mean)
-            else:
-                estimate = state["variance"].clone()
-            return estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(_rows(grad, rows).to(work))
-
-        # Pass 2: the update's RMS (torch clips it to d); pass 3: the write.
-        numel = param.numel()
-        update_sq, kept = None, None
-        for rows in blocks:
-            values = update(rows)
-            update_sq = _add(update_sq, torch.linalg.vector_norm(values, dtype=torch.float32).square())
-            kept = values if len(blocks) == 1 else None  # one block: pass 3 reuses it
+            update = grad.to(work) * state["variance"].lerp_(grad.to(work).square(), one_minus_beta2) \
+                .clamp(min=eps1 * eps1).rsqrt()
         alpha = torch.clamp((param_sq / numel).sqrt(), min=eps2) * rho
-        scale = -alpha / torch.clamp((update_sq / numel).sqrt() / group["d"], min=1.0)
-        generator = rounding_generator(_local(param).device, seed=self.seed, index=index, step=int(step)) \
-            if rounds else None
-        for rows in blocks:
-            target = _rows(param, rows)
-            new = target.to(work)  # a copy only when rounding
-            if decay != 1:
-                new = new.mul_(decay) if rounds else target.mul_(decay)
-            step_values = (kept if kept is not None else update(rows)).mul_(scale.to(work))
+
+        def scale_for(update_sq: Tensor) -> Tensor:  # torch clips the update's RMS to d
+            return (-alpha / torch.clamp((update_sq / numel).sqrt() / group["d"], min=1.0)).to(work)
+
+        if grad.dim() != 2 or _is_dtensor(param):  # vectors, stacks of matrices, shards: whole, eagerly
+            if grad.dim() > 1:
+                update = factored_update(grad, row_var, col_var, row_var_mean, eps1 * eps1, work)
+            scale = scale_for(torch.linalg.vector_norm(update, dtype=torch.float32).square())
+            new = param.to(work) * (1 - lr * group["weight_decay"]) + update * scale
             if rounds:
-                new = new.add_(step_values)
-                _local(target).copy_(stochastic_round_to_bf16(_local(new), generator=generator))
+                _local(param).copy_(hashed_round_to_bf16(_local(new), key))
             else:
-                target.add_(step_values)
+                param.copy_(new)
+            return
+
+        # Pass 2: the update's norm; pass 3: the write, a block of rows at a time.
+        update_sq_fn, apply_fn = _block_fns(device)
+        blocks = self._blocks(param)
+        update_sq = None
+        for rows in blocks:
+            update_sq = _add(update_sq, update_sq_fn(grad[rows], row_var[rows], col_var, row_var_mean,
+                                                     eps1 * eps1, work))
+        scale = scale_for(update_sq)
+        for rows in blocks:
+            apply_fn(param[rows], grad[rows], row_var[rows], col_var, row_var_mean, eps1 * eps1, work, decay,
+                     scale, key, rows.start * param.shape[-1])
 
     def _state_for(self, param: Tensor, grad: Tensor, work: torch.dtype) -> dict:
         state = self.state[param]
@@ -132,16 +186,10 @@ class Adafactor(torch.optim.Adafactor):
                 state["variance"] = torch.zeros_like(grad, dtype=work, memory_format=torch.preserve_format)
         return state
 
-    def _blocks(self, param: Tensor) -> list[slice | None]:
-        """Row blocks of a plain matrix; None (the whole tensor) for anything else."""
-        if param.dim() != 2 or _is_dtensor(param):
-            return [None]
-        rows = max(1, self.max_chunk_numel // max(1, param.shape[1]))
-        return [slice(start, start + rows) for start in range(0, param.shape[0], rows)]
-
-
-def _rows(tensor: Tensor, rows: slice | None) -> Tensor:
-    return tensor if rows is None else tensor[rows]
+    def _blocks(self, param: Tensor) -> list[slice]:
+        """Row blocks of a plain matrix (one block when it is small)."""
+        rows = max(1, self.max_chunk_numel // max(1, param.shape[-1]))
+        return [slice(start, min(start + rows, param.shape[0])) for start in range(0, param.shape[0], rows)]
 
 
 def _local(tensor: Tensor) -> Tensor:

@@ -8,7 +8,10 @@ the weights on average (Gupta et al., 2015; Zamirai et al., 2020).
 
 The random bits come from a generator seeded by (seed, parameter index, step), so
 the rounding is deterministic and a resumed run rounds exactly as the
-uninterrupted one (no generator state to checkpoint).
+uninterrupted one (no generator state to checkpoint). `hashed_round_to_bf16` takes
+its bits from a hash of (key, element index) instead: plain integer arithmetic that
+`torch.compile` fuses into the kernel doing the update (a generator object cannot be
+traced), with the same guarantee.
 """
 
 from __future__ import annotations
@@ -54,3 +57,35 @@ def rounding_generator(device: torch.device, *, seed: int, index: int, step: int
     # hash() of a tuple of ints is the same in every process (no hash randomisation for ints).
     generator.manual_seed(hash((seed, index, step)) & (2**63 - 1))
     return generator
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 values in [0, 2**32).
+
+    The multipliers are below 2**31, so every product fits in int64 without overflow."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x1B873593) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hashed_bits(key: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
+    """16 pseudo-random bits (int32) per element of a tensor of `shape` whose first element
+    is element `offset` of its parameter, from `key` (a 0-d int64 tensor below 2**32): the
+    bits of an element do not depend on how the parameter is cut into blocks."""
+    index = torch.arange(shape.numel(), dtype=torch.int64, device=key.device).view(shape) + offset
+    return (_mix32(_mix32(index & _MASK32) ^ key) & (_LOW_BITS - 1)).to(torch.int32)
+
+
+def hashed_round_to_bf16(x: torch.Tensor, key: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """`x` (float32) rounded to bfloat16 stochastically, with the bits of `hashed_bits`."""
+    bits = x.view(torch.int32)
+    rounded = ((bits + hashed_bits(key, offset, x.shape)) & -_LOW_BITS).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+
+
+def rounding_key(*, seed: int, index: int, step: int) -> int:
+    """The 32-bit key of parameter `index` at optimizer step `step` of a run seeded `seed`."""
+    return hash((seed, index, step)) & _MASK32
