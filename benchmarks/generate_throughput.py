@@ -20,6 +20,19 @@ A step must read every weight once (the embedding table only as the tied output
 projection) plus the keys and values attention spans (the filled slots rounded up
 to the cache's window bucket); `hbm_fraction` = those bytes / step time / `--hbm-tb-s`
 (4.8 TB/s: H200). Launch overhead, sampling and the host loop count as step time.
+
+Greedy agreement on trained weights: random weights tie the top tokens, so bf16
+rounding decides them and ft and transformers differ for no fault of either.
+`--train-steps N` first trains the model (fp32 master weights, bf16 autocast on
+CUDA) for N steps on GSM8K's train split with ft's own training step, as
+train_throughput.py's workload c tokenizes it (a byte-level BPE trained on the
+file), then casts it to `--dtype` and benchmarks those weights. It also reports, for
+`--agree-prompts` prompts of GSM8K's test split, how many of the first
+`--agree-tokens` greedy tokens of ft (each mode) and of transformers (default
+cache) agree: per prompt the length of the common prefix (greedy decoding diverges
+for good after one different token), and the fraction of tokens so agreed.
+
+    python benchmarks/generate_throughput.py --train-steps 300 --out gen_trained.json   # GPU
 """
 
 from __future__ import annotations
@@ -30,15 +43,17 @@ import gc
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ft.generation import GenerateStats, Generator, GeneratorConfig, StaticKVCache
-from ft.models import build_model
-from ft.models import family_of
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmarks' modules (training)
+
+from ft.generation import GenerateStats, Generator, GeneratorConfig, StaticKVCache  # noqa: E402
+from ft.models import build_model, family_of, find_arch  # noqa: E402
 
 
 class _NoTextTokenizer:
@@ -60,13 +75,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per configuration (the best counts)")
-    parser.add_argument("--ft-modes", nargs="+", default=None, choices=["eager", "cuda_graph", "compile"],
+    parser.add_argument("--ft-modes", nargs="+", default=None, choices=list(FT_MODES),
                         help="default: cuda_graph and compile on CUDA, eager elsewhere")
     parser.add_argument("--hf-caches", nargs="*", default=["dynamic", "static"], choices=["dynamic", "static"],
                         help="transformers cache implementations to compare against (none: skip transformers)")
     parser.add_argument("--hbm-tb-s", type=float, default=4.8, help="memory bandwidth for hbm_fraction (H200: 4.8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    train = parser.add_argument_group("trained weights (greedy agreement)")
+    train.add_argument("--train-steps", type=int, default=0, help="train on GSM8K for this many steps first (0: random weights)")
+    train.add_argument("--gsm8k", type=Path, default=None,
+                       help="GSM8K train.jsonl (default: shared/data/gsm8k/train.jsonl in or beside the checkout); "
+                            "the test prompts come from test.jsonl beside it")
+    train.add_argument("--train-tokens", type=int, default=8192, help="tokens per training step (packed rows)")
+    train.add_argument("--train-lr", type=float, default=3e-4, help="peak learning rate (linear warmup, cosine decay)")
+    train.add_argument("--tokenizer-vocab", type=int, default=4500, help="BPE pieces of the GSM8K tokenizer")
+    train.add_argument("--agree-prompts", type=int, default=32, help="GSM8K test prompts for the agreement check")
+    train.add_argument("--agree-tokens", type=int, default=32, help="greedy tokens compared per prompt")
     return parser.parse_args(argv)
 
 
@@ -93,13 +118,27 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# ft's modes: GeneratorConfig's switches, and `Generator(decode_options=)` for the
+# decode step's variants that only benchmarks choose.
+FT_MODES: dict[str, dict[str, Any]] = {
+    "eager": dict(cuda_graphs=False, compile=False),
+    "cuda_graph": dict(cuda_graphs=True, compile=False),
+    "compile": dict(cuda_graphs=True, compile=True),
+}
+
+
+def ft_generator(model, tokenizer, mode: str, *, max_gen_len: int, batch_size: int, stop_ids) -> Generator:
+    settings = dict(FT_MODES[mode])
+    decode_options = settings.pop("decode_options", None)
+    config = GeneratorConfig(greedy=True, max_gen_len=max_gen_len, batch_size=batch_size, **settings)
+    if decode_options is None:
+        return Generator(model, tokenizer, config, stop_ids=stop_ids)
+    return Generator(model, tokenizer, config, stop_ids=stop_ids, decode_options=decode_options)
+
+
 def bench_ft(model, prompts_BT: torch.Tensor, mode: str, args, device) -> dict[str, Any]:
     B = prompts_BT.shape[0]
-    config = GeneratorConfig(
-        greedy=True, max_gen_len=args.new_tokens, batch_size=B,
-        cuda_graphs=mode in ("cuda_graph", "compile"), compile=mode == "compile",
-    )
-    generator = Generator(model, _NoTextTokenizer(), config, stop_ids=())
+    generator = ft_generator(model, _NoTextTokenizer(), mode, max_gen_len=args.new_tokens, batch_size=B, stop_ids=())
     prompts = prompts_BT.tolist()
     stats = GenerateStats()
     seconds, outputs = _time_best(lambda: generator(prompts, stats=stats), repeats=args.repeats, device=device)
@@ -111,7 +150,7 @@ def bench_ft(model, prompts_BT: torch.Tensor, mode: str, args, device) -> dict[s
     }
     del generator, outputs
     if args.new_tokens > 1:
-        prefill = Generator(model, _NoTextTokenizer(), dataclasses.replace(config, max_gen_len=1), stop_ids=())
+        prefill = ft_generator(model, _NoTextTokenizer(), mode, max_gen_len=1, batch_size=B, stop_ids=())
         prefill_s, _ = _time_best(lambda: prefill(prompts), repeats=args.repeats, device=device)
         del prefill
         result.update(decode_bandwidth(model, B, args, seconds=seconds, prefill_s=prefill_s))
@@ -182,6 +221,118 @@ def bench_hf(hf, prompts_BT: torch.Tensor, cache: str, args, device) -> dict[str
     return result
 
 
+def gsm8k_paths(args) -> tuple[Path, Path]:
+    """(train.jsonl, test.jsonl beside it)."""
+    from train_throughput import _default_gsm8k
+
+    train = args.gsm8k or _default_gsm8k()
+    return train, train.with_name("test.jsonl")
+
+
+def train_on_gsm8k(model, tokenizer, train_path: Path, args, device: torch.device) -> dict[str, Any]:
+    """Train `model` (float32 parameters) in place for `args.train_steps` steps on GSM8K
+    with ft's own step (`common.FtTrainer`: chunked loss, clipping, AdamW), packed rows
+    as the recipe reads them; bf16 autocast on CUDA. Returns the loss curve."""
+    import common
+
+    from ft.data import BatchReader, read_examples
+    from ft.gang import setup_gangs, teardown_gangs
+    from ft.training.optim import build_scheduler
+
+    steps = args.train_steps
+    max_seq_len = min(512, model.config.max_seq_len)
+    examples = read_examples(train_path, tokenizer, format="gsm8k", max_seq_len=max_seq_len, on_too_long="truncate")
+    reader = BatchReader(list(examples), max_seq_len=max_seq_len, max_num_tokens=max(args.train_tokens, max_seq_len),
+                         seed=args.seed, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+    gangs = setup_gangs(device=device.type)
+    start = time.perf_counter()
+    losses = []
+    try:
+        model.train()
+        precision = "mixed" if device.type == "cuda" else "fp32"
+        trainer = common.FtTrainer(model=model, gangs=gangs, autocast=common.ft_autocast(device, precision),
+                                   loss_chunk_size=1024, learning_rate=args.train_lr)
+        trainer.scheduler = build_scheduler(trainer.optimizer, schedule="cosine", warmup_steps=max(1, steps // 10),
+                                            max_num_steps=steps, final_lr_scale=0.1)
+        for step in range(steps):
+            batches = reader.next_step_batches()
+            loss_sum = trainer.step(batches)
+            losses.append(loss_sum / max(sum(b.num_target_tokens for b in batches), 1))
+            if (step + 1) % 50 == 0 or step + 1 == steps:
+                print(f"train step {step + 1}/{steps}: loss {losses[-1].item():.3f}", file=sys.stderr, flush=True)
+        del trainer
+    finally:
+        teardown_gangs(gangs)
+        model.eval()
+    curve = [round(x, 4) for x in torch.stack(losses).tolist()]
+    tail = curve[-10:]
+    return {"steps": steps, "examples": len(examples), "tokens_per_step": args.train_tokens, "lr": args.train_lr,
+            "seconds": round(time.perf_counter() - start, 1), "final_loss": sum(tail) / len(tail),
+            "loss_curve": curve[:: max(1, steps // 50)]}
+
+
+def greedy_agreement(ft_tokens: list[list[int]], hf_tokens: list[list[int]], *, k: int,
+                     stop_ids: set[int] = frozenset()) -> dict[str, Any]:
+    """How far two greedy decodings of the same prompts agree in their first `k` tokens.
+
+    Each sequence is cut after `k` tokens and after its first stop id. Per prompt:
+    the common prefix (after one different token greedy decoding follows another
+    context, so later matches mean nothing) out of the longer of the two.
+    """
+    if len(ft_tokens) != len(hf_tokens):
+        raise ValueError(f"{len(ft_tokens)} ft sequences against {len(hf_tokens)} transformers sequences")
+
+    def cut(tokens: list[int]) -> list[int]:
+        tokens = list(tokens[:k])
+        ends = [i for i, t in enumerate(tokens) if t in stop_ids]
+        return tokens[: ends[0] + 1] if ends else tokens
+
+    prefixes, compared = [], []
+    for a, b in zip(map(cut, ft_tokens), map(cut, hf_tokens)):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefixes.append(n)
+        compared.append(max(len(a), len(b)))
+    return {
+        "tokens_compared": k,
+        "agreed_prefix": prefixes,
+        "compared": compared,
+        "prompts_fully_agreeing": sum(p == c for p, c in zip(prefixes, compared)),
+        "num_prompts": len(prefixes),
+        "fraction": sum(prefixes) / max(sum(compared), 1),
+    }
+
+
+def agreement_check(model, hf, tokenizer, test_path: Path, modes: list[str], args) -> dict[str, Any]:
+    """Greedy tokens of ft (each mode) against transformers' default cache on GSM8K test
+    prompts, all in one left-padded batch each, stopping on the tokenizer's stop ids."""
+    from ft.data import read_prompts
+
+    rows = read_prompts(test_path, tokenizer, format="gsm8k")[: args.agree_prompts]
+    prompts = [row.prompt_tokens for row in rows]
+    K, stop_ids = args.agree_tokens, list(tokenizer.stop_ids)
+    device = model.model.embed_tokens.weight.device
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    T = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.inference_mode():
+        out = hf.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=K, num_beams=1,
+                          eos_token_id=stop_ids, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+    hf_tokens = out[:, T:].tolist()
+    report: dict[str, Any] = {"prompts": len(prompts), "tokens": K, "per_mode": {},
+                              "example": {"prompt": rows[0].prompt_text, "transformers": tokenizer.decode(
+                                  [t for t in hf_tokens[0] if t != pad])}}
+    for mode in modes:
+        generator = ft_generator(model, tokenizer, mode, max_gen_len=K, batch_size=len(prompts), stop_ids=stop_ids)
+        outputs = generator(prompts)
+        report["per_mode"][f"ft/{mode}"] = greedy_agreement([o.tokens for o in outputs], hf_tokens, k=K,
+                                                            stop_ids=set(stop_ids))
+        report["example"][f"ft/{mode}"] = outputs[0].text
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -189,7 +340,26 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     modes = args.ft_modes or (["cuda_graph", "compile"] if device.type == "cuda" else ["eager"])
 
-    model = build_model(arch, device=device, dtype=dtype, seed=args.seed).eval()
+    # Many shapes through one compiled decode step (batch sizes, modes, the agreement batch).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+    config = find_arch(arch)[1]
+    tokenizer = training = None
+    if args.train_steps:
+        from train_throughput import train_gsm8k_tokenizer
+
+        train_path, test_path = gsm8k_paths(args)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = train_gsm8k_tokenizer(train_path, Path(tmp), vocab_size=args.tokenizer_vocab)
+        if tokenizer.vocab_size > config.vocab_size:  # a debug arch: room for the tokenizer's pieces
+            config = dataclasses.replace(config, vocab_size=-(-tokenizer.vocab_size // 64) * 64)
+        model = build_model(config, device=device, dtype=torch.float32, seed=args.seed)
+        training = train_on_gsm8k(model, tokenizer, train_path, args, device)
+        model = model.to(dtype).eval()
+        _free(device)
+        print(f"trained: {json.dumps({k: v for k, v in training.items() if k != 'loss_curve'})}", file=sys.stderr)
+    else:
+        model = build_model(config, device=device, dtype=dtype, seed=args.seed).eval()
     gen = torch.Generator().manual_seed(args.seed)
     prompts = {
         B: torch.randint(0, model.config.vocab_size, (B, args.prompt_len), generator=gen) for B in args.batch_sizes
@@ -200,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_ft(model, prompts[B], mode, args, device))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
 
-    errors = {}
+    errors: dict[str, str] = {}
+    agreement = None
     if args.hf_caches:
         try:
             hf = build_hf_model(model, dtype, device)
@@ -215,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
                         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
                     except Exception as error:
                         errors[f"transformers {cache} cache, batch {B}"] = f"{type(error).__name__}: {error}"
+            if tokenizer is not None:
+                try:
+                    agreement = agreement_check(model, hf, tokenizer, test_path, modes, args)
+                except Exception as error:
+                    errors["agreement"] = f"{type(error).__name__}: {error}"
 
     summary = {}
     for B in args.batch_sizes:
@@ -246,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         "hbm_tb_s": args.hbm_tb_s,
         "versions": {"torch": torch.__version__, "transformers": _transformers_version(), "python": platform.python_version()},
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "weights": "random" if training is None else "trained on GSM8K",
+        "training": training,
+        "greedy_agreement": agreement,
         "summary_tokens_per_s": summary,
         "results": results,
         "errors": errors,
