@@ -87,11 +87,13 @@ def test_stochastic_rounding_keeps_float32_states_and_follows_float32():
         rounded.step()
         exact.step()
     assert all(v.dtype == torch.float32 for s in rounded.state.values() for k, v in s.items() if k != "step")
+    errors = []
     for got, want in zip(bf16_model.parameters(), fp32_model.parameters()):
         # the start rounded to bf16, then a random walk of at most one ulp a step: a few ulps at worst,
-        # under two on average
+        # under two on average (over all 565 elements: a 7-element norm alone is too few to average)
         torch.testing.assert_close(got.float(), want, rtol=8 * 2**-8, atol=2e-3)
-        assert float((got.float() - want).abs().mean()) < 2 * 2**-8 * float(want.abs().mean())
+        errors.append(((got.float() - want).abs() / want.abs().clamp(min=1e-3)).detach().flatten())
+    assert float(torch.cat(errors).median()) < 2 * 2**-8
 
 
 def test_hashed_rounding_is_unbiased_and_independent_of_blocks():
@@ -99,13 +101,13 @@ def test_hashed_rounding_is_unbiased_and_independent_of_blocks():
 
     ulp = 2.0**-7  # bf16's spacing in [1, 2)
     x = torch.full((300, 400), 1 + 0.3 * ulp)
-    key = torch.tensor(987654321)
+    key = torch.tensor(987654321, dtype=torch.int32)
     whole = hashed_round_to_bf16(x, key)
     assert set(whole.unique().tolist()) == {1.0, 1 + ulp}
     assert abs(float((whole == 1 + ulp).float().mean()) - 0.3) < 0.01  # rounds up with probability 0.3
     blocks = torch.cat([hashed_round_to_bf16(x[lo:lo + 70], key, lo * 400) for lo in range(0, 300, 70)])
     assert torch.equal(blocks, whole)
-    assert not torch.equal(hashed_round_to_bf16(x, torch.tensor(987654322)), whole)  # another key, other bits
+    assert not torch.equal(hashed_round_to_bf16(x, torch.tensor(987654322, dtype=torch.int32)), whole)  # another key, other bits
 
 
 @pytest.mark.parametrize("stochastic_rounding", [False, True])
@@ -120,7 +122,7 @@ def test_block_passes_trace_whole_and_match_eager(stochastic_rounding):
     row_var, col_var = torch.rand(rows, 1), torch.rand(1, cols)
     row_mean = row_var.mean(dim=-2, keepdim=True)
     decay, scale = torch.tensor(0.99), torch.tensor(-0.01)
-    key = torch.tensor(12345) if stochastic_rounding else None
+    key = torch.tensor(12345, dtype=torch.int32) if stochastic_rounding else None
     traced_sq = torch.compile(adafactor.factored_update_sq, dynamic=True, fullgraph=True, backend="aot_eager")
     traced_apply = torch.compile(adafactor.apply_factored_update, dynamic=True, fullgraph=True, backend="aot_eager")
     eager, traced = param.clone(), param.clone()

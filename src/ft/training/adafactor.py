@@ -128,7 +128,7 @@ class Adafactor(torch.optim.Adafactor):
         # device scalars (fill kernels, no copies): as Python floats they would change the
         # compiled graphs every step
         decay = torch.full((), 1 - lr * group["weight_decay"], dtype=work, device=device)
-        key = torch.full((), rounding_key(seed=self.seed, index=index, step=int(step)), dtype=torch.int64,
+        key = torch.full((), rounding_key(seed=self.seed, index=index, step=int(step)), dtype=torch.int32,
                          device=device) if rounds else None
         numel = param.numel()
 

@@ -62,21 +62,27 @@ def rounding_generator(device: torch.device, *, seed: int, index: int, step: int
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) of int64 values in [0, 2**32).
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int32 values (torch's `>>` keeps the sign bit)."""
+    return (x >> bits) & ((1 << (32 - bits)) - 1)
 
-    The multipliers are below 2**31, so every product fits in int64 without overflow."""
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
-    x = ((x ^ (x >> 15)) * 0x1B873593) & _MASK32
-    return x ^ (x >> 16)
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) in int32 arithmetic, whose
+    products wrap modulo 2**32 (int64 would be exact but is several times slower on a
+    GPU, where the rounding's bits cost more than the rest of the optimizer step)."""
+    x = (x ^ _shift_right(x, 16)) * 0x7FEB352D
+    x = (x ^ _shift_right(x, 15)) * 0x1B873593
+    return x ^ _shift_right(x, 16)
 
 
 def hashed_bits(key: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
     """16 pseudo-random bits (int32) per element of a tensor of `shape` whose first element
-    is element `offset` of its parameter, from `key` (a 0-d int64 tensor below 2**32): the
-    bits of an element do not depend on how the parameter is cut into blocks."""
+    is element `offset` of its parameter, from `key` (a 0-d int32 tensor): the bits of an
+    element do not depend on how the parameter is cut into blocks."""
     index = torch.arange(shape.numel(), dtype=torch.int64, device=key.device).view(shape) + offset
-    return (_mix32(_mix32(index & _MASK32) ^ key) & (_LOW_BITS - 1)).to(torch.int32)
+    index = (index & _MASK32).to(torch.int32)  # the low 32 bits (wraps to negative above 2**31)
+    return _mix32(_mix32(index) ^ key) & (_LOW_BITS - 1)
 
 
 def hashed_round_to_bf16(x: torch.Tensor, key: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -87,5 +93,5 @@ def hashed_round_to_bf16(x: torch.Tensor, key: torch.Tensor, offset: int = 0) ->
 
 
 def rounding_key(*, seed: int, index: int, step: int) -> int:
-    """The 32-bit key of parameter `index` at optimizer step `step` of a run seeded `seed`."""
-    return hash((seed, index, step)) & _MASK32
+    """The key (an int32 value) of parameter `index` at optimizer step `step` of a run seeded `seed`."""
+    return (hash((seed, index, step)) & _MASK32) - (1 << 31)
