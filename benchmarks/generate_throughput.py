@@ -11,8 +11,14 @@ transformers gets `min_new_tokens`), greedily, from random `--prompt-len`-token
 prompts. The time is wall clock for the whole call (prefill included) after one
 untimed warm-up call (compilation, CUDA graph capture), best of `--repeats`.
 ft runs in each of `--ft-modes`: "eager", "cuda_graph" (decode step replayed from
-a CUDA graph) and "compile" (torch.compile'd decode step inside the CUDA graph);
-the JSON says which path actually ran (a failed compile or capture falls back).
+a CUDA graph) and "compile" (torch.compile'd decode step inside the CUDA graph,
+generate's default); the JSON says which path actually ran (a failed compile or
+capture falls back). Variants of the decode step (`ft.generation.DecodeOptions`),
+for side-by-side runs: "cuda_graph_full_cache" and "compile_full_cache" attend over
+the whole static cache every step (the path before window buckets),
+"compile_static_buckets" compiles each window bucket with its static length, and
+"compile_autotune" compiles with mode="max-autotune-no-cudagraphs" (autotuned
+Triton matmuls for the skinny decode GEMMs) inside ft's own CUDA graphs.
 
 Memory-bandwidth use of ft's decode step: a prefill-only call (one new token) is
 timed too, and `decode_step_s` = (whole call - prefill call) / (new tokens - 1).
@@ -52,7 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmarks' modules (training)
 
-from ft.generation import GenerateStats, Generator, GeneratorConfig, StaticKVCache  # noqa: E402
+from ft.generation import DecodeOptions, GenerateStats, Generator, GeneratorConfig, StaticKVCache  # noqa: E402
 from ft.models import build_model, family_of, find_arch  # noqa: E402
 
 
@@ -123,16 +129,22 @@ def _free(device: torch.device) -> None:
 FT_MODES: dict[str, dict[str, Any]] = {
     "eager": dict(cuda_graphs=False, compile=False),
     "cuda_graph": dict(cuda_graphs=True, compile=False),
-    "compile": dict(cuda_graphs=True, compile=True),
+    "compile": dict(cuda_graphs=True, compile=True),  # generate's default: window buckets, one dynamic compile
+    # Attention over the whole static cache every step: the path before window buckets.
+    "cuda_graph_full_cache": dict(cuda_graphs=True, compile=False, decode_options=DecodeOptions(windowed=False)),
+    "compile_full_cache": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(windowed=False)),
+    # Window buckets, each compiled with its own static length (up to 8 compiles).
+    "compile_static_buckets": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(dynamic_window=False)),
+    # Inductor's autotuned Triton matmuls (the skinny decode GEMMs) inside ft's own CUDA graphs.
+    "compile_autotune": dict(cuda_graphs=True, compile=True,
+                             decode_options=DecodeOptions(compile_mode="max-autotune-no-cudagraphs")),
 }
 
 
 def ft_generator(model, tokenizer, mode: str, *, max_gen_len: int, batch_size: int, stop_ids) -> Generator:
     settings = dict(FT_MODES[mode])
-    decode_options = settings.pop("decode_options", None)
+    decode_options = settings.pop("decode_options", DecodeOptions())
     config = GeneratorConfig(greedy=True, max_gen_len=max_gen_len, batch_size=batch_size, **settings)
-    if decode_options is None:
-        return Generator(model, tokenizer, config, stop_ids=stop_ids)
     return Generator(model, tokenizer, config, stop_ids=stop_ids, decode_options=decode_options)
 
 
@@ -153,14 +165,16 @@ def bench_ft(model, prompts_BT: torch.Tensor, mode: str, args, device) -> dict[s
         prefill = ft_generator(model, _NoTextTokenizer(), mode, max_gen_len=1, batch_size=B, stop_ids=())
         prefill_s, _ = _time_best(lambda: prefill(prompts), repeats=args.repeats, device=device)
         del prefill
-        result.update(decode_bandwidth(model, B, args, seconds=seconds, prefill_s=prefill_s))
+        windowed = FT_MODES[mode].get("decode_options", DecodeOptions()).windowed
+        result.update(decode_bandwidth(model, B, args, seconds=seconds, prefill_s=prefill_s, windowed=windowed))
     _free(device)
     return result
 
 
-def decode_bytes_per_step(model, batch_size: int, prompt_len: int, new_tokens: int) -> tuple[int, float]:
+def decode_bytes_per_step(model, batch_size: int, prompt_len: int, new_tokens: int, *,
+                          windowed: bool = True) -> tuple[int, float]:
     """(weight bytes, mean KV bytes) one decode step reads, with the generator's cache
-    layout: its max_len (a multiple of 16) and its window buckets."""
+    layout: its max_len (a multiple of 16) and its window buckets (or the whole cache)."""
     params = {id(p): p for p in model.parameters()}  # a tied weight once
     weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
     embed = model.model.embed_tokens.weight
@@ -168,14 +182,17 @@ def decode_bytes_per_step(model, batch_size: int, prompt_len: int, new_tokens: i
         weight_bytes -= embed.numel() * embed.element_size()
     max_len = -(-(prompt_len + new_tokens) // 16) * 16
     cache = StaticKVCache(model, batch_size=1, max_len=max_len)
-    windows = [cache.window_for(prompt_len + t + 1) for t in range(new_tokens - 1)]  # decode steps 1..N-1
+    windows = [cache.window_for(prompt_len + t + 1) if windowed else max_len
+               for t in range(new_tokens - 1)]  # decode steps 1..N-1
     config = model.config
     kv_per_slot = 2 * config.n_layers * batch_size * config.n_kv_heads * config.head_dim * embed.element_size()
     return weight_bytes, kv_per_slot * sum(windows) / max(len(windows), 1)
 
 
-def decode_bandwidth(model, batch_size: int, args, *, seconds: float, prefill_s: float) -> dict[str, Any]:
-    weight_bytes, kv_bytes = decode_bytes_per_step(model, batch_size, args.prompt_len, args.new_tokens)
+def decode_bandwidth(model, batch_size: int, args, *, seconds: float, prefill_s: float,
+                     windowed: bool = True) -> dict[str, Any]:
+    weight_bytes, kv_bytes = decode_bytes_per_step(model, batch_size, args.prompt_len, args.new_tokens,
+                                                   windowed=windowed)
     result = {"prefill_s": prefill_s, "weight_bytes_per_step": weight_bytes, "kv_bytes_per_step": kv_bytes}
     if seconds <= prefill_s:  # timing noise on a tiny run: no step time to report
         return {**result, "decode_step_s": None, "hbm_fraction": None}

@@ -4,6 +4,11 @@
     python3 benchmarks/profile_decode.py --batch-size 64 --out prof.txt
 
 CUDA graphs are off here so the profiler sees each kernel; the compiled step is on.
+`--full-cache` attends over the whole cache every step (the path before window
+buckets), `--compile-mode` compiles the step in another torch.compile mode (e.g.
+max-autotune-no-cudagraphs): see `ft.generation.DecodeOptions`.
+
+    python3 benchmarks/profile_decode.py --batch-size 1 --compile-mode max-autotune-no-cudagraphs --out prof_b1.txt
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from ft.generation import Generator, GeneratorConfig  # noqa: E402
+from ft.generation import DecodeOptions, Generator, GeneratorConfig  # noqa: E402
 from ft.models import build_model  # noqa: E402
 
 
@@ -35,16 +40,19 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--arch", default="llama3_2_1b")
+    parser.add_argument("--full-cache", action="store_true", help="attend over the whole cache every step")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the decode step")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    options = DecodeOptions(windowed=not args.full_cache, compile_mode=args.compile_mode)
     device = torch.device("cuda")
     model = build_model(args.arch, device=device, dtype=torch.bfloat16, seed=0).eval()
     prompts = torch.randint(0, model.config.vocab_size, (args.batch_size, args.prompt_len)).tolist()
-    lines = []
+    lines = [f"batch {args.batch_size}, {args.prompt_len} + {args.new_tokens} tokens, {options}"]
     for graphs in (True, False):
         config = GeneratorConfig(greedy=True, max_gen_len=args.new_tokens, batch_size=args.batch_size,
                                  cuda_graphs=graphs, compile=True)
-        generator = Generator(model, _Tokenizer(), config, stop_ids=())
+        generator = Generator(model, _Tokenizer(), config, stop_ids=(), decode_options=options)
         generator(prompts)  # warm-up: compile, capture
         torch.cuda.synchronize()
         start = time.perf_counter()

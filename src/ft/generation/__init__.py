@@ -12,7 +12,7 @@ from ft.lazy_exports import lazy_exports
 __getattr__ = lazy_exports(__name__, {
     "ft.generation.beam": ("Hypothesis", "beam_search"),
     "ft.generation.cache": ("StaticKVCache",),
-    "ft.generation.decode_step": ("DecodeStep",),
+    "ft.generation.decode_step": ("DecodeOptions", "DecodeStep"),
     "ft.generation.generator": ("Generation", "GenerateStats", "Generator", "generate", "prefill"),
     "ft.generation.generator_config": ("GeneratorConfig",),
     "ft.generation.sampling": ("TokenSampler", "filter_logits", "greedy_next", "sample_next"),
@@ -21,6 +21,7 @@ __getattr__ = lazy_exports(__name__, {
 })
 
 __all__ = [
+    "DecodeOptions",
     "DecodeStep",
     "GenerateStats",
     "Generation",

@@ -11,11 +11,19 @@ Each step attends over the cache's filled slots rounded up to a bucket
 (`StaticKVCache.window_for`), not the whole cache: one CUDA graph is captured per
 bucket (at most `ft.generation.cache.MAX_BUCKETS`), and the compiled step treats the
 window length as a dynamic size, so it compiles once for all of them.
+
+`DecodeOptions` selects other ways to run the same step, for benchmarks to compare
+in one process: the whole cache every step (the path before buckets), one static
+compile per bucket, another torch.compile mode (e.g. "max-autotune-no-cudagraphs",
+which tunes the skinny matmuls of decoding; ft captures its own graphs, so the
+mode must not add cudagraphs). Every option gives the same logits up to the
+kernels' rounding.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -32,17 +40,31 @@ def decode_forward(model: nn.Module, cache: StaticKVCache, tokens_B1: Tensor, po
     return model(tokens_B1, positions_BT=positions_B1, kv_cache=cache)[:, -1]
 
 
-_compiled_decode_forward = None
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How `DecodeStep` runs a step (the defaults are what `generate` uses)."""
+
+    windowed: bool = True
+    """Attend over the filled slots rounded up to a bucket; False: over the whole cache."""
+    dynamic_window: bool = True
+    """Compile once with the window length dynamic; False: one static compile per bucket."""
+    compile_mode: str | None = None
+    """torch.compile's `mode` for the compiled step (None: its default)."""
 
 
-def compiled_decode_forward():
-    """`decode_forward` under torch.compile, made once per process: dynamo guards on
-    shapes and dtypes, not on which model or cache, so later generators of the same
-    shapes reuse the compiled code instead of compiling again."""
-    global _compiled_decode_forward
-    if _compiled_decode_forward is None:
-        _compiled_decode_forward = torch.compile(decode_forward, dynamic=False)
-    return _compiled_decode_forward
+_compiled_decode_forward: dict[tuple[str | None, bool], object] = {}
+
+
+def compiled_decode_forward(mode: str | None = None, dynamic_window: bool = True):
+    """`decode_forward` under torch.compile, made once per process, mode and window
+    kind: dynamo guards on shapes and dtypes, not on which model or cache, so later
+    generators of the same shapes reuse the compiled code instead of compiling again.
+    (Each is its own backend, so a static-window step never runs code compiled for a
+    dynamic window, nor the other way round.)"""
+    key = (mode, dynamic_window)
+    if key not in _compiled_decode_forward:
+        _compiled_decode_forward[key] = torch.compile(decode_forward, dynamic=False, mode=mode)
+    return _compiled_decode_forward[key]
 
 
 def _dynamic_window(cache: StaticKVCache) -> StaticKVCache:
@@ -60,17 +82,20 @@ class DecodeStep:
     overwrites: consume it (sample from it) before stepping again.
     """
 
-    def __init__(self, model: nn.Module, cache: StaticKVCache, *, cuda_graph: bool, compile: bool) -> None:
+    def __init__(self, model: nn.Module, cache: StaticKVCache, *, cuda_graph: bool, compile: bool,
+                 options: DecodeOptions = DecodeOptions()) -> None:
         self.model = model
         self.cache = cache
+        self.options = options
         is_cuda = cache.valid_BS.is_cuda
         self.want_graph = cuda_graph and is_cuda
         self.forward = self._eager_forward
         self.path = "eager"
         if compile:
-            compiled = compiled_decode_forward()
+            dynamic = options.windowed and options.dynamic_window
+            compiled = compiled_decode_forward(options.compile_mode, dynamic)
             self.forward = lambda tokens_B1, positions_B1: compiled(
-                self.model, _dynamic_window(self.cache), tokens_B1, positions_B1)
+                self.model, _dynamic_window(self.cache) if dynamic else self.cache, tokens_B1, positions_B1)
             self.path = "compile"
         # Per window length: its captured graph and the static logits buffer it writes.
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -81,8 +106,9 @@ class DecodeStep:
         return decode_forward(self.model, self.cache, tokens_B1, positions_B1)
 
     def __call__(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
-        window = self.cache.window_for(self.cache.next_slot + 1)
-        self.cache.set_window(window)
+        cache = self.cache
+        window = cache.window_for(cache.next_slot + 1) if self.options.windowed else cache.max_len
+        cache.set_window(window)
         try:
             return self._step(window, tokens_B1, positions_B1)
         finally:

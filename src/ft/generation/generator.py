@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ft.errors import DataError
 from ft.generation.beam import beam_search
 from ft.generation.cache import StaticKVCache
-from ft.generation.decode_step import DecodeStep
+from ft.generation.decode_step import DecodeOptions, DecodeStep
 from ft.generation.generator_config import GeneratorConfig
 from ft.generation.sampling import TokenSampler
 
@@ -72,12 +72,15 @@ class Generator:
 
     Keeps its KV cache and decode step (with its captured CUDA graph) between calls
     whose shapes match, so repeated calls (a service, a benchmark) pay the setup once.
-    `generate(...)` is the one-shot form.
+    `generate(...)` is the one-shot form. `decode_options` picks another way to run
+    the decode step (benchmarks compare them; the default is the one to use).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, config: GeneratorConfig, *, stop_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer, config: GeneratorConfig, *, stop_ids: Sequence[int] | None = None,
+                 decode_options: DecodeOptions = DecodeOptions()) -> None:
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.decode_options = decode_options
         self.stop_ids = list(tokenizer.stop_ids if stop_ids is None else stop_ids)
         self.device = model.model.embed_tokens.weight.device
         self._decoder: tuple[tuple[int, int], StaticKVCache, DecodeStep] | None = None
@@ -86,7 +89,8 @@ class Generator:
         if self._decoder is None or self._decoder[0] != (rows, max_len):
             self._decoder = None  # free the old cache before allocating the new one
             cache = StaticKVCache(self.model, batch_size=rows, max_len=max_len)
-            step = DecodeStep(self.model, cache, cuda_graph=self.config.cuda_graphs, compile=self.config.compile)
+            step = DecodeStep(self.model, cache, cuda_graph=self.config.cuda_graphs, compile=self.config.compile,
+                              options=self.decode_options)
             self._decoder = ((rows, max_len), cache, step)
         return self._decoder[1], self._decoder[2]
 
