@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--tokenizer-vocab", type=int, default=4500, help="BPE pieces of the GSM8K tokenizer")
     train.add_argument("--agree-prompts", type=int, default=32, help="GSM8K test prompts for the agreement check")
     train.add_argument("--agree-tokens", type=int, default=32, help="greedy tokens compared per prompt")
+    train.add_argument("--agree-modes", nargs="+", default=None, choices=list(FT_MODES),
+                       help="ft modes checked for agreement (default: every --ft-modes; each compiles for the new batch)")
     return parser.parse_args(argv)
 
 
@@ -405,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                         errors[f"transformers {cache} cache, batch {B}"] = f"{type(error).__name__}: {error}"
             if tokenizer is not None:
                 try:
-                    agreement = agreement_check(model, hf, tokenizer, test_path, modes, args)
+                    agreement = agreement_check(model, hf, tokenizer, test_path, args.agree_modes or modes, args)
                 except Exception as error:
                     errors["agreement"] = f"{type(error).__name__}: {error}"
 
