@@ -14,7 +14,8 @@
   Adafactor a copy of all gradients);
 - activations: per token and block, what a Llama-shaped block saves for backward
   (`_block_bytes_per_token`) under no, selective or full checkpointing; with
-  activation offloading, two blocks' worth stay on the GPU;
+  activation offloading, two blocks' worth stay on the GPU, or under full
+  checkpointing two block inputs (the one being recomputed and the next, prefetched);
 - recompute: under checkpointing, the one block whose activations backward
   rebuilds while the saved ones are still alive;
 - loss chunk: the float32 logits of one `loss_chunk_size` chunk and their
@@ -147,8 +148,15 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
     else:
         trainable_shapes = shapes
     trainable = sum(math.prod(s) for s in trainable_shapes.values())
-    frozen_bytes = (0.5 + 4 / 64) if lora and plan.lora_nf4 else (compute if lora else param_bytes)
-    weights = ((total * frozen_bytes + trainable * param_bytes) if lora else total * param_bytes) / shard
+    if lora:
+        # QLoRA quantizes the blocks' linear weights (NF4: 4 bits and a float32 scale per 64);
+        # embeddings, output layer and norms stay in the compute dtype.
+        nf4_numel = sum(n for name, n in numels.items() if plan.lora_nf4 and ".layers." in f".{name}"
+                        and len(shapes[name]) == 2)
+        frozen = nf4_numel * (0.5 + 4 / 64) + (total - nf4_numel) * compute
+        weights = (frozen + trainable * param_bytes) / shard
+    else:
+        weights = total * param_bytes / shard
 
     block_params = _block_params(shapes)
     if fsdp and mixed:  # compute-dtype copies gathered for the blocks in flight
@@ -187,7 +195,9 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         step_transient = 0.0
 
     tokens = plan.max_num_tokens
-    residual = 4 if (mixed and not fsdp) else compute  # autocast keeps the residual stream in float32
+    # Autocast keeps the residual stream in the float32 embedding's dtype; LoRA's frozen embedding
+    # is in the compute dtype (with lora.train_embeddings it is float32: slightly under-counted).
+    residual = 4 if (mixed and not fsdp and not lora) else compute
     block = _block_bytes_per_token(config, compute, plan.tp_size)
     recompute_per_token = block if plan.activation_checkpointing != "none" else 0.0
     if plan.activation_checkpointing == "full":
@@ -196,7 +206,10 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         per_token = config.n_layers * _selective_bytes_per_token(config, compute, residual, plan.tp_size)
     else:
         per_token = config.n_layers * block
-    if plan.activation_offloading:
+    if plan.activation_offloading and plan.activation_checkpointing == "full":
+        # The block inputs go to the host; backward holds the one it recomputes and the next (prefetched).
+        per_token = 2 * residual * config.dim
+    elif plan.activation_offloading:
         per_token = min(per_token + recompute_per_token, 2 * block + config.n_layers * residual * config.dim / 8)
         recompute_per_token = 0.0
     # embedding output, final norm (float32 input) and its output, hidden states kept for the chunked loss.
