@@ -6,8 +6,10 @@
 #
 # STEPS_FILE: one command per line, `NAME LIMIT_S COMMAND...` ('#' lines are comments);
 # `$OUT` in a command is OUT_DIR. Each command's output goes to OUT_DIR/NAME.log, its
-# exit status and time to OUT_DIR/status.txt. torchao is installed from .whl/ at the
-# repository root when it is not importable (the device machines have no network).
+# exit status and time to OUT_DIR/status.txt. Each wheel in .whl/ at the repository root
+# (torchao; torchtitan and the small packages its modules import) whose distribution is
+# not installed is installed into /tmp/ft-site, without dependencies (the device
+# machines have no network).
 set -u
 OUT=${1:?usage: run_steps.sh OUT_DIR BUDGET_S STEPS_FILE}
 BUDGET=${2:?budget in seconds}
@@ -20,13 +22,17 @@ cd "$ROOT" || exit 1
 export OUT PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import torchao" 2>/dev/null; then
-  wheel=$(ls .whl/torchao-*.whl 2>/dev/null | head -1)
-  if [ -n "$wheel" ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ft-site "$wheel" \
-      > "$OUT/torchao_install.log" 2>&1
-    export PYTHONPATH="/tmp/ft-site${PYTHONPATH:+:$PYTHONPATH}"
-  fi
+missing=()
+for wheel in .whl/*.whl; do
+  [ -e "$wheel" ] || continue
+  dist=$(basename "$wheel"); dist=${dist%%-*}
+  "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null || missing+=("$wheel")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ft-site "${missing[@]}" \
+    > "$OUT/wheels_install.log" 2>&1
+  echo "installed from .whl/: ${missing[*]}" >> "$OUT/wheels_install.log"
+  export PYTHONPATH="/tmp/ft-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
