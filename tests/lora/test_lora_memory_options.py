@@ -38,3 +38,17 @@ def test_lora_with_torch_compile_trains_like_eager(tmp_path, user_assets):
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("mixed, adapter_dtype", [("true", torch.float32), ("false", torch.bfloat16)])
+def test_adapters_are_float32_master_weights_only_under_mixed_precision(tmp_path, user_assets, mixed, adapter_dtype):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out = tmp_path / "run"
+    settings = [s for s in LORA if not s.startswith("dtype=")]
+    assert run_finetune(out, *settings, "dtype=bfloat16", f"mixed_precision={mixed}", "max_num_steps=1") == 0
+    saved = FileSystemReader(str(out / "checkpoints" / "step_1" / "trainer")).read_metadata().state_dict_metadata
+    adapters = {k: v.properties.dtype for k, v in saved.items() if k.startswith("model.") and ".lora_" in k}
+    assert adapters and set(adapters.values()) == {adapter_dtype}  # and AdamW's states follow them
+    states = {v.properties.dtype for k, v in saved.items() if k.startswith("optimizer.state.") and k.endswith("exp_avg")}
+    assert states == {adapter_dtype}

@@ -62,10 +62,11 @@ def lora_fingerprint(config: LoraConfig) -> dict[str, Any]:
 
 
 def with_lora(parallelize: Callable[[nn.Module], nn.Module], config: LoraConfig, *,
-              base_dtype: torch.dtype) -> Callable[[nn.Module], nn.Module]:
-    """`parallelize` preceded by `apply_lora`, for `create_model(parallelize=...)`."""
+              base_dtype: torch.dtype, adapter_dtype: torch.dtype = torch.float32) -> Callable[[nn.Module], nn.Module]:
+    """`parallelize` preceded by `apply_lora`, for `create_model(parallelize=...)`. A recipe
+    passes `adapter_dtype=float32` under mixed precision (master weights), else its dtype."""
     def apply_then_parallelize(model: nn.Module) -> nn.Module:
-        return parallelize(apply_lora(model, config, base_dtype=base_dtype))
+        return parallelize(apply_lora(model, config, base_dtype=base_dtype, adapter_dtype=adapter_dtype))
 
     return apply_then_parallelize
 

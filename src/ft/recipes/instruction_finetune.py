@@ -101,7 +101,8 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
 
     model = create_model(
         source.config, device=device, dtype=torch.float32 if mixed else dtype,
-        parallelize=with_lora(parallelize, lora, base_dtype=dtype) if lora is not None else parallelize,
+        parallelize=with_lora(parallelize, lora, base_dtype=dtype, adapter_dtype=torch.float32 if mixed else dtype)
+        if lora is not None else parallelize,
         # A LoRA run's trainer state holds only the adapters: the base always comes from its checkpoint.
         checkpoint=source.checkpoint if resume_step is None or lora is not None else None, seed=config.seed,
         initialize=resume_step is None,

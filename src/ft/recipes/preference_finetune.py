@@ -96,7 +96,8 @@ def train(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs) -> i
 
     model = create_model(
         source.config, device=device, dtype=torch.float32 if mixed else dtype,
-        parallelize=with_lora(parallelize, lora, base_dtype=dtype) if lora is not None else parallelize,
+        parallelize=with_lora(parallelize, lora, base_dtype=dtype, adapter_dtype=torch.float32 if mixed else dtype)
+        if lora is not None else parallelize,
         checkpoint=source.checkpoint if resume_step is None or lora is not None else None, seed=config.seed,
         initialize=resume_step is None,
     )
