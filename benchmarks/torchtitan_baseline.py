@@ -45,8 +45,8 @@ and each step, FLOPs per token from `ft.models.model_flops_per_token` for the
 `8B` flavor, i.e. llama3_1_8b; torchtitan's own count is recorded beside it).
 
 Import placeholders: importing `torchtitan.models.llama3` pulls in its data loader
-(`datasets`, `torchdata`), metrics (`torch.utils.tensorboard` -> `tensorboard`),
-config CLI (`tyro`) and, through its float8 converter, the MoE kernels (`triton`,
+(`datasets`, `torchdata`), tokenizer (`tokenizers`), metrics (`torch.utils.tensorboard`
+-> `tensorboard`), config CLI (`tyro`) and, through its float8 converter, the MoE kernels (`triton`,
 absent on CPU machines only). None of them is reached by the step. The small ones (tyro,
 torchdata) are carried as wheels in `.whl/` and installed by run_steps.sh; any of
 these that still fails to import is replaced by a placeholder module whose
@@ -106,6 +106,7 @@ UNUSED_PATH_MODULES = {
     "torchdata.stateful_dataloader": ["StatefulDataLoader"],
     "torch.utils.tensorboard": ["SummaryWriter"],
     "tyro": ["cli", "constructors"],
+    "tokenizers": ["AddedToken", "Tokenizer"],  # transformers' dependency: normally the real one
 }
 
 
