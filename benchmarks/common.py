@@ -50,6 +50,7 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
 import torch  # noqa: E402
 
 from ft.gang import Gangs  # noqa: E402
+from ft.training.activation_offloading import offloading_loss_fn  # noqa: E402
 from ft.training.step import accumulate_gradients, next_token_loss, optimizer_step  # noqa: E402
 from ft.training.step_stats import StepStats  # noqa: E402
 from ft.training.metrics import device_peak_tflops  # noqa: E402
@@ -307,8 +308,11 @@ class FtTrainer:
     loss_chunk_size: int
     max_grad_norm: float | None = 1.0
     learning_rate: float = 1e-5
+    activation_offloading: bool = False
 
     def __post_init__(self) -> None:
+        self.loss_fn = offloading_loss_fn(next_token_loss(self.loss_chunk_size), enabled=self.activation_offloading,
+                                          device=self.gangs.device)
         self.optimizer = build_optimizer(self.model, learning_rate=self.learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                          weight_decay=0.1)
         self.scheduler = build_scheduler(self.optimizer, schedule="constant", warmup_steps=0, max_num_steps=10**6,
@@ -319,7 +323,7 @@ class FtTrainer:
         """One optimizer step over this rank's micro-batches; returns this rank's summed loss (device tensor)."""
         stats = StepStats.zero(self.gangs.device)
         accumulate_gradients(self.model, batches, gangs=self.gangs, autocast=self.autocast, scaler=self.scaler,
-                             loss_fn=next_token_loss(self.loss_chunk_size), stats=stats)
+                             loss_fn=self.loss_fn, stats=stats)
         optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, max_grad_norm=self.max_grad_norm)
         return stats.loss_sum
 

@@ -6,6 +6,13 @@ process, one workload per invocation:
   memory      llama3_1_8b shape, 2 rows of 2048 through the packed (document-masked)
               path, peak memory of LoRA and QLoRA (NF4 base, torchao)
 
+Variant names are words joined by `_`: `ft` or `hf_peft`, `lora` or `qlora`, then
+`compile`, `ac` (full activation checkpointing; selective with `compile`; HF:
+gradient checkpointing), `offload` (ft: `activation_offloading`, which under full
+checkpointing sends each block's input to pinned host memory until its recompute)
+and `bf16` (ft: pure bf16, `mixed_precision=false`: adapters and their AdamW states
+in bf16 as torchtune's published figures, instead of float32 under autocast).
+
 ft runs the recipe's step (`common.FtTrainer`: accumulate_gradients + clip + fused
 AdamW over the adapters only) on a model built as the recipe builds it
 (`create_model` with `ft.lora.training.with_lora` before `parallelize_model`):
@@ -46,6 +53,7 @@ from ft.lora import LoraConfig  # noqa: E402
 from ft.lora.training import start_lora, with_lora  # noqa: E402
 from ft.models import create_model, family_of, find_arch, model_flops_per_token  # noqa: E402
 from ft.models.parallelize import parallelize_model  # noqa: E402
+from ft.training.memory_model import GIB, MemoryPlan, predict_memory  # noqa: E402
 
 NEMO_AUTOMODEL_TOKENS_PER_S = 12_473  # NeMo Automodel, Llama-3.1-8B LoRA, one H100
 TORCHTUNE_PEAK_GIB = {"lora": 16.2, "qlora": 7.4}  # torchtune, Llama-3.1-8B, 2 x 2048 packed
@@ -54,8 +62,11 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "throughput": {"arch": "llama3_1_8b", "seq_len": 4096, "batch_size": 2, "packed": False,
                    "variants": ["ft_lora_compile", "ft_lora_compile_ac", "hf_peft_lora", "hf_peft_lora_compile_ac"]},
     "memory": {"arch": "llama3_1_8b", "seq_len": 2048, "batch_size": 2, "packed": True,
-               "variants": ["ft_lora_ac", "ft_qlora_ac", "hf_peft_lora_ac", "hf_peft_qlora_ac"]},
+               "variants": ["ft_lora_ac", "ft_qlora_ac", "ft_lora_ac_offload", "ft_qlora_ac_offload",
+                            "ft_lora_bf16_ac_offload", "ft_qlora_bf16_ac_offload", "hf_peft_lora_ac",
+                            "hf_peft_qlora_ac"]},
 }
+VARIANT_WORDS = {"ft", "hf", "peft", "lora", "qlora", "compile", "ac", "offload", "bf16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +76,22 @@ class Variant:
     quantization: str  # "none" | "nf4"
     compile: bool
     ac: str  # "none" | "selective" | "full" (HF: gradient checkpointing unless "none")
+    offload: bool = False  # ft: activation_offloading
+    precision: str = "mixed"  # ft: "mixed" (float32 adapters under bf16 autocast) | "bf16" (pure)
 
 
 def parse_variant(name: str) -> Variant:
-    impl = "hf" if name.startswith("hf_") else "ft"
-    ac = "none" if not name.endswith("_ac") else ("full" if impl == "hf" else "selective")
-    if name == "ft_qlora_ac" or name == "ft_lora_ac":
-        ac = "full"  # the memory workload: the smallest activation footprint
-    return Variant(name=name, impl=impl, quantization="nf4" if "qlora" in name else "none",
-                   compile="compile" in name, ac=ac)
+    words = set(name.split("_"))
+    if not words <= VARIANT_WORDS or not words & {"lora", "qlora"}:
+        raise ValueError(f"variant {name!r}: its words must be among {sorted(VARIANT_WORDS)}, with lora or qlora")
+    impl = "hf" if "hf" in words else "ft"
+    if impl == "hf" and words & {"offload", "bf16"}:
+        raise ValueError(f"variant {name!r}: offload and bf16 are ft variants")
+    # Uncompiled ft variants (the memory workload) take the smallest activation footprint.
+    ac = "none" if "ac" not in words else ("selective" if impl == "ft" and "compile" in words else "full")
+    return Variant(name=name, impl=impl, quantization="nf4" if "qlora" in words else "none",
+                   compile="compile" in words, ac=ac, offload="offload" in words,
+                   precision="bf16" if "bf16" in words else "mixed")
 
 
 def tiny_config(arch: str) -> Any:
@@ -96,11 +114,23 @@ def build_ft(config: Any, variant: Variant, lora: LoraConfig, gangs: Any, *, see
     def parallelize(model):
         return parallelize_model(model, gangs, activation_checkpointing=variant.ac, compile=variant.compile)
 
-    model = create_model(config, device=gangs.device, dtype=torch.float32, seed=seed,
-                         parallelize=with_lora(parallelize, lora, base_dtype=torch.bfloat16))
+    # The recipe's rule: float32 master adapters under mixed precision, else the compute dtype.
+    mixed = variant.precision == "mixed"
+    model = create_model(config, device=gangs.device, dtype=torch.float32 if mixed else torch.bfloat16, seed=seed,
+                         parallelize=with_lora(parallelize, lora, base_dtype=torch.bfloat16,
+                                               adapter_dtype=torch.float32 if mixed else torch.bfloat16))
     start_lora(model, lora, seed=seed, resuming=False, dtype=torch.bfloat16)
     model.train()
     return model
+
+
+def predicted_peak_gib(variant: Variant, config: Any, spec: dict[str, Any], loss_chunk_size: int) -> float:
+    """The memory model's peak for this variant (what `--dry-run` would print), beside the measured one."""
+    plan = MemoryPlan(model_config=config, mixed_precision=variant.precision == "mixed",
+                      activation_checkpointing=variant.ac, activation_offloading=variant.offload,
+                      max_num_tokens=spec["seq_len"] * spec["batch_size"], loss_chunk_size=loss_chunk_size,
+                      lora_rank=16, lora_nf4=variant.quantization == "nf4")
+    return round(predict_memory(plan).peak / GIB, 2)
 
 
 def build_hf(config: Any, variant: Variant, lora: LoraConfig, device: torch.device, *, seed: int):
@@ -145,7 +175,8 @@ def make_step(variant: Variant, config: Any, spec: dict[str, Any], gangs: Any, a
                                     generator=generator, through_packed_path=spec["packed"])
     if variant.impl == "ft":
         model = build_ft(config, variant, lora, gangs, seed=args.seed)
-        trainer = common.FtTrainer(model, gangs, common.ft_autocast(device, "mixed"), args.loss_chunk_size)
+        trainer = common.FtTrainer(model, gangs, common.ft_autocast(device, variant.precision), args.loss_chunk_size,
+                                   activation_offloading=variant.offload)
 
         def run() -> torch.Tensor:
             return trainer.step([batch]) / batch.num_target_tokens
@@ -191,6 +222,8 @@ def run_variant(variant: Variant, config: Any, spec: dict[str, Any], gangs: Any,
     result = {"name": variant.name, "status": "ok", **dataclasses.asdict(variant), "trainable_params": lora_params,
               **timing.summary(peak_tflops=ctx["peak_tflops"], spec_tflops=ctx["spec_tflops"]),
               **common.peak_memory(device)}
+    if variant.impl == "ft":
+        result["predicted_peak_gib"] = predicted_peak_gib(variant, config, spec, args.loss_chunk_size)
     if args.profile_memory:
         result["memory_profile"] = memory_profile.profile_peak(step, device)
         result["memory_by_tensor_kind"] = memory_profile.largest_tensors(model)
@@ -219,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         spec.update(seq_len=64, batch_size=2)
     names = spec["variants"] if args.variants == "default" else args.variants.split(",")
+    try:
+        variants = [parse_variant(name) for name in names]  # a misspelt name fails before any setup
+    except ValueError as error:
+        parser.error(str(error))
 
     gangs = setup_gangs(device=args.device)
     device = gangs.device
@@ -236,12 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     writer = common.ResultWriter(args.out, header)
     try:
-        for name in names:
-            variant = parse_variant(name)
+        for variant in variants:
             try:
                 result = run_variant(variant, config, spec, gangs, args, warmup, steps, ctx)
             except Exception as error:  # one variant's failure (OOM, compile error) must not lose the others
-                result = common.error_result(name, error)
+                result = common.error_result(variant.name, error)
             common.free_memory(device)
             writer.add(result)
         results = writer.doc["results"]
