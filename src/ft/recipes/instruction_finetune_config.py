@@ -43,7 +43,8 @@ class InstructionFinetuneConfig(LmTrainingConfig):
     bf16_stochastic_rounding: bool = False
     """Pure bf16 (mixed_precision=false): round each parameter update stochastically so small steps survive."""
     activation_offloading: bool = False
-    """Move saved activations to pinned host memory during forward and back for backward (CUDA; no-op on a CPU)."""
+    """Move saved activations to pinned host memory during forward and back for backward, prefetched (CUDA; no-op
+    on a CPU). With activation_checkpointing=full that is each block's input: the blocks keep none on the GPU."""
     max_memory_gib: float | None = None
     """GPU memory to plan for (`--dry-run` says whether the run fits); default: the GPU's memory."""
 
