@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         # The output directory goes in at index 5 (run_variant), the variant's keys last.
         base = [sys.executable, "-m", "ft", "lm", "instruction_finetune", "--no-sweep-dir", "--preset", args.preset,
                 "--config", *overrides]
-        env = dict(os.environ, FT_USER_ASSET_DIR=str(cards), PYTHONPATH=str(ROOT / "src"))
+        env = dict(os.environ, FT_USER_ASSET_DIR=str(cards), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
         write()
         for name in names:
             elapsed = time.perf_counter() - start

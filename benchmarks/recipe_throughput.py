@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         command = [sys.executable, "-m", "ft", "lm", "instruction_finetune", str(tmp / "out"), "--no-sweep-dir",
                    "--preset", args.preset, "--config", *overrides]
-        env = dict(os.environ, FT_USER_ASSET_DIR=str(cards), PYTHONPATH=str(ROOT / "src"))
+        env = dict(os.environ, FT_USER_ASSET_DIR=str(cards), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
         started = time.perf_counter()
         run = subprocess.run(command, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
