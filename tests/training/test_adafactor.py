@@ -111,25 +111,33 @@ def test_hashed_rounding_is_unbiased_and_independent_of_blocks():
 
 
 @pytest.mark.parametrize("stochastic_rounding", [False, True])
-def test_block_passes_trace_whole_and_match_eager(stochastic_rounding):
-    """On GPUs the block passes run compiled; the same functions traced as one graph
-    (fullgraph: no graph breaks) step bitwise as they do eagerly, block offsets included."""
+def test_matrix_passes_trace_whole_and_match_eager(stochastic_rounding):
+    """On GPUs the three passes over a matrix run compiled; the same functions traced as
+    one graph each (fullgraph: no graph breaks) step bitwise as they do eagerly, with the
+    step's scalars as tensors and block offsets included."""
     from ft.training import adafactor
 
     torch.manual_seed(0)
     rows, cols = 37, 24
     grad, param = torch.randn(rows, cols).bfloat16(), torch.randn(rows, cols).bfloat16()
-    row_var, col_var = torch.rand(rows, 1), torch.rand(1, cols)
-    row_mean = row_var.mean(dim=-2, keepdim=True)
-    decay, scale = torch.tensor(0.99), torch.tensor(-0.01)
     key = torch.tensor(12345, dtype=torch.int32) if stochastic_rounding else None
-    traced_sq = torch.compile(adafactor.factored_update_sq, dynamic=True, fullgraph=True, backend="aot_eager")
-    traced_apply = torch.compile(adafactor.apply_factored_update, dynamic=True, fullgraph=True, backend="aot_eager")
-    eager, traced = param.clone(), param.clone()
-    for lo, hi in [(0, 16), (16, 32), (32, 37)]:
-        block = (grad[lo:hi], row_var[lo:hi], col_var, row_mean, 1e-60, torch.float32)
-        assert torch.equal(traced_sq(*block), adafactor.factored_update_sq(*block))
-        adafactor.apply_factored_update(eager[lo:hi], *block, decay, scale, key, lo * cols)
-        traced_apply(traced[lo:hi], *block, decay, scale, key, lo * cols)
+    traced = {name: torch.compile(fn, dynamic=True, fullgraph=True, backend="aot_eager")
+              for name, fn in (("stats", adafactor.factored_statistics), ("sq", adafactor.factored_update_sq),
+                               ("apply", adafactor.apply_factored_update))}
+    results = []
+    for stats, sq, apply, scalar in ((adafactor.factored_statistics, adafactor.factored_update_sq,
+                                      adafactor.apply_factored_update, float),
+                                     (traced["stats"], traced["sq"], traced["apply"], torch.tensor)):
+        target, row_var, col_var = param.clone(), torch.rand(rows, 1, generator=torch.Generator().manual_seed(1)), \
+            torch.rand(1, cols, generator=torch.Generator().manual_seed(2))
+        param_sq, row_mean = stats(target, grad, row_var, col_var, scalar(0.2), 1e-30)
+        blocks = [(0, 16), (16, 32), (32, 37)]
+        update_sq = sum(sq(grad[lo:hi], row_var[lo:hi], col_var, row_mean, 1e-60, torch.float32) for lo, hi in blocks)
+        for lo, hi in blocks:
+            apply(target[lo:hi], grad[lo:hi], row_var[lo:hi], col_var, row_mean, 1e-60, torch.float32,
+                  torch.tensor(0.99), param_sq, update_sq, torch.tensor(0.01), rows * cols, 1e-3, 1.0, key, lo * cols)
+        results.append((target, row_var, col_var))
+    (eager, eager_row, eager_col), (compiled, compiled_row, compiled_col) = results
     assert not torch.equal(eager, param)
-    assert torch.equal(traced, eager)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(compiled_row, eager_row) and torch.equal(compiled_col, eager_col)

@@ -11,10 +11,12 @@ in three passes: the statistics (whole-tensor reductions), the update's norm, an
 the write, each block's update recomputed from the factored statistics and the
 gradient rather than kept.
 
-On a GPU the two block passes are compiled (`torch.compile`): each is one kernel
-that reads the gradient block (and the parameter block) once, instead of a dozen
-elementwise kernels each reading and writing float32 temporaries. Eager, the
-stepping of an 8B model moved about 170 bytes per parameter; compiled, about 10.
+On a GPU the three passes over a matrix are compiled (`torch.compile`): each is a
+fused kernel or two that read the gradient (and the parameter) once, instead of a
+dozen elementwise kernels each reading and writing float32 temporaries, and the
+step's scalars stay inside them. Eager, stepping an 8B model moved about 170 bytes
+per parameter; compiled, about 10, in a handful of launches per parameter (stepping
+in backward, the launches are what the backward waits for).
 
 `stochastic_rounding=True` computes a bfloat16 parameter's step in float32 (states
 in float32) and rounds each block back stochastically, with bits hashed from (seed,
@@ -58,7 +60,27 @@ def factored_update_sq(grad: Tensor, row_var: Tensor, col_var: Tensor, row_var_m
     return factored_update(grad, row_var, col_var, row_var_mean, eps1_sq, work).float().square().sum()
 
 
-def apply_update(param: Tensor, update: Tensor, decay: Tensor, scale: Tensor, key: Tensor | None,
+def factored_statistics(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tensor,
+                        one_minus_beta2: float | Tensor, eps1: float) -> tuple[Tensor, Tensor]:
+    """Pass 1 for a matrix: the parameter's squared norm (float32), the row and column
+    statistics of the gradient's second moment moved towards this step's (in place), and
+    the rows' mean (the estimate's normaliser). Reductions accumulate in float32."""
+    param_sq = param.float().square().sum()
+    for var, dim in ((row_var, -1), (col_var, -2)):
+        # out of place: on a sharded gradient the column mean is a partial sum
+        mean = grad.float().square().sum(dim=dim, keepdim=True) / grad.size(dim)
+        var.lerp_(mean.to(var.dtype), one_minus_beta2)
+    return param_sq, row_var.mean(dim=-2, keepdim=True).clamp(min=eps1)
+
+
+def update_scale(param_sq: Tensor, update_sq: Tensor, numel: int, rho: float | Tensor, eps2: float, d: float,
+                 work: torch.dtype) -> Tensor:
+    """-(relative step size) / max(1, RMS(update) / d): torch's Adafactor's scale of the update."""
+    alpha = torch.clamp((param_sq / numel).sqrt(), min=eps2) * rho
+    return (-alpha / torch.clamp((update_sq / numel).sqrt() / d, min=1.0)).to(work)
+
+
+def apply_update(param: Tensor, update: Tensor, decay: float | Tensor, scale: Tensor, key: Tensor | None,
                  offset: int) -> None:
     """param <- param * decay + update * scale, in the update's dtype; rounded stochastically
     to the bf16 `param` when `key` is given (bits of elements `offset`... of the parameter)."""
@@ -67,25 +89,33 @@ def apply_update(param: Tensor, update: Tensor, decay: Tensor, scale: Tensor, ke
 
 
 def apply_factored_update(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tensor, row_var_mean: Tensor,
-                          eps1_sq: float, work: torch.dtype, decay: Tensor, scale: Tensor, key: Tensor | None,
-                          offset: int) -> None:
-    """Pass 3 for a block of a matrix: recompute its update and write it."""
+                          eps1_sq: float, work: torch.dtype, decay: Tensor, param_sq: Tensor, update_sq: Tensor,
+                          rho: Tensor, numel: int, eps2: float, d: float, key: Tensor | None, offset: int) -> None:
+    """Pass 3 for a block of a matrix: recompute its update, scale it and write it."""
     update = factored_update(grad, row_var, col_var, row_var_mean, eps1_sq, work)
+    scale = update_scale(param_sq, update_sq, numel, rho, eps2, d, work)
     apply_update(param, update, decay, scale, key, offset)
 
 
 _compiled: dict[str, object] = {}
 
 
-def _block_fns(device: torch.device):
-    """The two block passes: compiled on GPUs (each one fused kernel), eager elsewhere."""
+def _matrix_fns(device: torch.device):
+    """The three passes over a matrix: compiled on GPUs (a fused kernel or two each, so
+    a parameter costs a handful of launches), eager elsewhere."""
     if device.type != "cuda":
-        return factored_update_sq, apply_factored_update
+        return factored_statistics, factored_update_sq, apply_factored_update
     if not _compiled:
-        # dynamic: blocks of many row counts (and offsets) share one graph instead of one each
-        _compiled["sq"] = torch.compile(factored_update_sq, dynamic=True, fullgraph=True)
-        _compiled["apply"] = torch.compile(apply_factored_update, dynamic=True, fullgraph=True)
-    return _compiled["sq"], _compiled["apply"]
+        # dynamic: matrices and blocks of many sizes (and offsets) share one graph instead of one each
+        for name, fn in (("stats", factored_statistics), ("sq", factored_update_sq),
+                         ("apply", apply_factored_update)):
+            _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled["stats"], _compiled["sq"], _compiled["apply"]
+
+
+# Compiled, a block's passes keep no block-sized temporaries: blocks only bound what an
+# unfused kernel would allocate, so they can be larger (fewer launches).
+COMPILED_MIN_CHUNK_NUMEL = 1 << 26
 
 
 class Adafactor(torch.optim.Adafactor):
@@ -124,54 +154,50 @@ class Adafactor(torch.optim.Adafactor):
         eps1 = torch.finfo(work).eps if eps1 is None else eps1
         one_minus_beta2 = step ** group["beta2_decay"]
         rho = min(lr, 1 / math.sqrt(step))
+        decay = 1 - lr * group["weight_decay"]
         device = _local(param).device
-        # device scalars (fill kernels, no copies): as Python floats they would change the
-        # compiled graphs every step
-        decay = torch.full((), 1 - lr * group["weight_decay"], dtype=work, device=device)
         key = torch.full((), rounding_key(seed=self.seed, index=index, step=int(step)), dtype=torch.int32,
                          device=device) if rounds else None
-        numel = param.numel()
-
-        # Pass 1: the parameter's norm and the gradient's second-moment statistics (reductions
-        # read the tensors in place, accumulating in float32: no copies, no blocks needed).
-        param_sq = torch.linalg.vector_norm(param, dtype=torch.float32).square()
-        if grad.dim() > 1:
-            row_var, col_var = state["row_var"], state["col_var"]
-            for var, dim in ((row_var, -1), (col_var, -2)):
-                # out of place: on a sharded gradient the column norm is a partial sum
-                mean = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=torch.float32).square()
-                var.lerp_(mean.div(grad.size(dim)).to(work), one_minus_beta2)
-            row_var_mean = row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1)
-        else:
-            update = grad.to(work) * state["variance"].lerp_(grad.to(work).square(), one_minus_beta2) \
-                .clamp(min=eps1 * eps1).rsqrt()
-        alpha = torch.clamp((param_sq / numel).sqrt(), min=eps2) * rho
-
-        def scale_for(update_sq: Tensor) -> Tensor:  # torch clips the update's RMS to d
-            return (-alpha / torch.clamp((update_sq / numel).sqrt() / group["d"], min=1.0)).to(work)
-
-        if grad.dim() != 2 or _is_dtensor(param):  # vectors, stacks of matrices, shards: whole, eagerly
-            if grad.dim() > 1:
-                update = factored_update(grad, row_var, col_var, row_var_mean, eps1 * eps1, work)
-            scale = scale_for(torch.linalg.vector_norm(update, dtype=torch.float32).square())
-            new = param.to(work) * (1 - lr * group["weight_decay"]) + update * scale
-            if rounds:
-                _local(param).copy_(hashed_round_to_bf16(_local(new), key))
-            else:
-                param.copy_(new)
+        if grad.dim() == 2 and not _is_dtensor(param):
+            self._step_matrix(param, grad, state, work, eps1, eps2, group["d"], one_minus_beta2, rho, decay, key)
             return
 
-        # Pass 2: the update's norm; pass 3: the write, a block of rows at a time.
-        update_sq_fn, apply_fn = _block_fns(device)
-        blocks = self._blocks(param)
+        # Vectors, stacks of matrices and shards: whole, eagerly.
+        if grad.dim() > 1:
+            param_sq, row_var_mean = factored_statistics(param, grad, state["row_var"], state["col_var"],
+                                                         one_minus_beta2, eps1)
+            update = factored_update(grad, state["row_var"], state["col_var"], row_var_mean, eps1 * eps1, work)
+        else:
+            param_sq = param.float().square().sum()
+            variance = state["variance"].lerp_(grad.to(work).square(), one_minus_beta2)
+            update = grad.to(work) * variance.clamp(min=eps1 * eps1).rsqrt()
+        update_sq = update.float().square().sum()
+        scale = update_scale(param_sq, update_sq, param.numel(), rho, eps2, group["d"], work)
+        new = param.to(work) * decay + update * scale
+        if rounds:
+            _local(param).copy_(hashed_round_to_bf16(_local(new), key))
+        else:
+            param.copy_(new)
+
+    def _step_matrix(self, param: Tensor, grad: Tensor, state: dict, work: torch.dtype, eps1: float, eps2: float,
+                     d: float, one_minus_beta2: float, rho: float, decay: float, key: Tensor | None) -> None:
+        """Three passes over a plain matrix: its statistics, the update's norm and the write,
+        the last two a block of rows at a time."""
+        stats_fn, update_sq_fn, apply_fn = _matrix_fns(param.device)
+        compiled = stats_fn is not factored_statistics
+        if compiled:  # device scalars (fill kernels, no copies): as Python floats they would change every step
+            one_minus_beta2, rho, decay = (torch.full((), value, dtype=torch.float32, device=param.device)
+                                           for value in (one_minus_beta2, rho, decay))
+        row_var, col_var = state["row_var"], state["col_var"]
+        param_sq, row_var_mean = stats_fn(param, grad, row_var, col_var, one_minus_beta2, eps1)
+        blocks = self._blocks(param, COMPILED_MIN_CHUNK_NUMEL if compiled else 0)
         update_sq = None
         for rows in blocks:
             update_sq = _add(update_sq, update_sq_fn(grad[rows], row_var[rows], col_var, row_var_mean,
                                                      eps1 * eps1, work))
-        scale = scale_for(update_sq)
         for rows in blocks:
             apply_fn(param[rows], grad[rows], row_var[rows], col_var, row_var_mean, eps1 * eps1, work, decay,
-                     scale, key, rows.start * param.shape[-1])
+                     param_sq, update_sq, rho, param.numel(), eps2, d, key, rows.start * param.shape[-1])
 
     def _state_for(self, param: Tensor, grad: Tensor, work: torch.dtype) -> dict:
         state = self.state[param]
@@ -186,9 +212,9 @@ class Adafactor(torch.optim.Adafactor):
                 state["variance"] = torch.zeros_like(grad, dtype=work, memory_format=torch.preserve_format)
         return state
 
-    def _blocks(self, param: Tensor) -> list[slice]:
+    def _blocks(self, param: Tensor, min_chunk_numel: int = 0) -> list[slice]:
         """Row blocks of a plain matrix (one block when it is small)."""
-        rows = max(1, self.max_chunk_numel // max(1, param.shape[-1]))
+        rows = max(1, max(self.max_chunk_numel, min_chunk_numel) // max(1, param.shape[-1]))
         return [slice(start, min(start + rows, param.shape[0])) for start in range(0, param.shape[0], rows)]
 
 
