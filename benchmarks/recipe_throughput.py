@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tiny", action="store_true", help="ft_tiny arch, short rows: the CPU smoke test")
     parser.add_argument("--extra", nargs="*", default=[], help="more key=value for --config (e.g. mixed_precision=false)")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="run the CLI under torch.cuda.set_per_process_memory_fraction of this many GB "
+                             "(decimal; 24 = an RTX 4090), as memory_savers.py's capped variants")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -61,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             f"publish_metrics_every_n_steps={args.publish_every}", f"checkpoint_every_n_steps={args.checkpoint_at}",
             f"device={args.device}", *(["dtype=float32"] if args.tiny else []), *args.extra,
         ]
-        command = [sys.executable, "-m", "ft", "lm", "instruction_finetune", str(tmp / "out"), "--no-sweep-dir",
-                   "--preset", args.preset, "--config", *overrides]
+        command = [*_python_for_cli(args.memory_cap_gb), "lm", "instruction_finetune", str(tmp / "out"),
+                   "--no-sweep-dir", "--preset", args.preset, "--config", *overrides]
         env = dict(os.environ, FT_USER_ASSET_DIR=str(cards), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
         started = time.perf_counter()
         run = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                                            if "predicted_peak_memory_gib" in r), None),
         "measured_peak_memory_gib": max((r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r), default=None),
         "plan_lines": [line for line in (run.stdout + run.stderr).splitlines() if "parallel plan:" in line],
+        "memory_cap_gb": args.memory_cap_gb,
         "wall_s": wall,
     }
     text = json.dumps(result, indent=2)
@@ -103,6 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.write_text(text + "\n")
     return 0
+
+
+# The CLI's own entry point in a process whose CUDA allocator is capped first.
+_CAPPED_CLI = ("import sys, torch; torch.cuda.set_per_process_memory_fraction({fraction!r}); "
+               "from ft.cli import main; sys.argv[0] = 'ft'; raise SystemExit(main(sys.argv[1:]))")
+
+
+def _python_for_cli(memory_cap_gb: float | None) -> list[str]:
+    """`python -m ft`, or the same CLI under a memory cap."""
+    if memory_cap_gb is None:
+        return [sys.executable, "-m", "ft"]
+    import torch
+
+    fraction = memory_cap_gb * 1e9 / torch.cuda.get_device_properties(0).total_memory
+    return [sys.executable, "-c", _CAPPED_CLI.format(fraction=fraction)]
 
 
 if __name__ == "__main__":
