@@ -258,9 +258,11 @@ def test_impossible_layout_fails_on_every_rank_before_work(runs, overrides, mess
     out = runs.root / f"bad_{overrides[0].replace('=', '_')}_{len(overrides)}"
     result = launch(out, 2, *overrides, asset_dir=runs.asset_dir, timeout=60)
     assert result.returncode != 0
-    # One message per rank (counted, not split into lines: two ranks' writes may interleave).
-    assert result.stderr.count("error: ") == 2, result.stderr[-3000:]
-    assert result.stderr.count(f"error: {message}") == 2, result.stderr[-3000:]
+    # Each rank refuses on its own, before any collective; torchrun stops the other worker as soon
+    # as one exits, so under load the second message may never be written: one or two, all the same
+    # (counted, not split into lines: two ranks' writes may interleave).
+    errors = result.stderr.count("error: ")
+    assert 1 <= errors <= 2 and result.stderr.count(f"error: {message}") == errors, result.stderr[-3000:]
     assert "ConfigError" not in result.stderr  # one clear line per rank, no Python traceback
     assert not (out / "checkpoints").exists() and not (out / "metrics").exists()
 
