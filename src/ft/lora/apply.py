@@ -49,7 +49,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, *, base_dtype: torch.dtype,
     """Freeze `model`, cast its frozen weights to `base_dtype`, and wrap every block linear
     named in `config.target_modules` in a `LoraLinear` (adapters in `adapter_dtype`).
     With `train_embeddings` the embedding and output projection stay trainable in
-    `adapter_dtype`. Returns `model`, changed in place."""
+    `adapter_dtype`; with `embeddings_on_host` the frozen input embedding becomes a
+    `HostEmbedding`. Returns `model`, changed in place."""
     check_target_modules(model, config.target_modules)
     targets = set(config.target_modules)
     for block in model.model.layers:
@@ -69,6 +70,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, *, base_dtype: torch.dtype,
             dtype = adapter_dtype if trainable else base_dtype
             module.register_parameter(name, nn.Parameter(param.detach().to(dtype), requires_grad=trainable))
     model.tie_weights()  # each module got its own Parameter above
+    if config.embeddings_on_host:
+        from ft.lora.host_embedding import keep_embeddings_on_host
+
+        keep_embeddings_on_host(model)
     return model
 
 

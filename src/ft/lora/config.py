@@ -10,6 +10,11 @@ from ft.errors import ConfigError
 # The projections of every registered family's blocks, named as in the HF layout.
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+TRAINED_EMBEDDINGS_ON_HOST = (
+    "config keys 'lora.embeddings_on_host' and 'lora.train_embeddings' do not combine: a trained embedding table "
+    "needs its gradients on the GPU; use lora.train_embeddings=false, or lora.embeddings_on_host=false to train "
+    "the embeddings")
+
 
 @dataclass(kw_only=True)
 class LoraConfig:
@@ -27,6 +32,10 @@ class LoraConfig:
     """`nf4` (QLoRA): keep the frozen base linears in NF4 (torchao) and compute in `dtype`."""
     export_merged: bool = False
     """At every checkpoint also write the base with the adapters merged in (`step_N/merged/`)."""
+    embeddings_on_host: bool = False
+    """Keep the frozen input embedding table in (pinned) host memory: ids are looked up on the host and only
+    their rows go to the GPU (one small synchronization per forward). One process, untied embeddings, not with
+    train_embeddings."""
 
     @property
     def scaling(self) -> float:
@@ -35,8 +44,14 @@ class LoraConfig:
 
 def check_lora_config(config: LoraConfig, *, key: str = "lora") -> None:
     """ConfigError for settings that cannot work whatever the model."""
+    if config.embeddings_on_host and not config.enabled:
+        raise ConfigError(f"config key '{key}.embeddings_on_host' keeps LoRA's frozen input embedding on the host, "
+                          f"but {key}.enabled=false trains every weight, the embedding too; use {key}.enabled=true "
+                          f"or {key}.embeddings_on_host=false")
     if not config.enabled:
         return
+    if config.embeddings_on_host and config.train_embeddings:
+        raise ConfigError(TRAINED_EMBEDDINGS_ON_HOST)
     if config.rank < 1:
         raise ConfigError(f"config key '{key}.rank' must be at least 1, got {config.rank}")
     if not 0.0 <= config.dropout < 1.0:
@@ -44,3 +59,15 @@ def check_lora_config(config: LoraConfig, *, key: str = "lora") -> None:
     if not config.target_modules:
         raise ConfigError(f"config key '{key}.target_modules' is empty; name at least one of "
                           f"{', '.join(DEFAULT_TARGET_MODULES)}")
+
+
+def check_embeddings_on_host_layout(config: LoraConfig, **sizes: int) -> None:
+    """ConfigError when `lora.embeddings_on_host` meets more than one process (`sizes`: parallel sizes by
+    name): FSDP, tensor parallelism and pipeline stages shard the table or place it on the GPUs."""
+    if not (config.enabled and config.embeddings_on_host):
+        return
+    over = [f"{name}={size}" for name, size in sizes.items() if size > 1]
+    if over:
+        raise ConfigError(f"config key 'lora.embeddings_on_host' runs on one process, but this run has "
+                          f"{', '.join(over)} (FSDP, tensor parallelism and pipeline stages shard the table or place "
+                          "it on the GPUs); run one process, or use lora.embeddings_on_host=false")

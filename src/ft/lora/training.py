@@ -36,6 +36,11 @@ def check_lora_run(config: LoraConfig, *, source: Any, dp_size: int, tp_size: in
     if source.checkpoint is None:
         raise ConfigError(f"LoRA trains adapters on a base with weights, but {source.description} has no checkpoint; "
                           "use a model card or path with weights, or lora.enabled=false")
+    if config.embeddings_on_host:
+        from ft.lora.host_embedding import check_embeddings_on_host
+
+        check_embeddings_on_host(config, model_config=source.config, dp_size=dp_size, tp_size=tp_size,
+                                 pp_size=pp_size)
     if config.base_quantization == "nf4":
         from ft.lora.quant import check_nf4_available
 
@@ -91,7 +96,7 @@ def adapter_to_start_from(config: LoraConfig | None, source: Any) -> dict[str, t
 def start_lora(model: nn.Module, config: LoraConfig, *, seed: int, resuming: bool, dtype: torch.dtype,
                adapter: dict[str, torch.Tensor] | None = None, adapter_source: Path | None = None) -> None:
     """After the base is loaded: adapters' start values (unless resuming: fresh, or those of
-    `adapter`), then NF4 for QLoRA."""
+    `adapter`), then NF4 for QLoRA; logs where the input embedding is with `embeddings_on_host`."""
     if not resuming:
         init_lora_weights(model, seed)
         if adapter is not None:
@@ -104,6 +109,12 @@ def start_lora(model: nn.Module, config: LoraConfig, *, seed: int, resuming: boo
 
         count = quantize_frozen_linears(model, dtype=dtype)
         log.info("QLoRA: %d frozen linear weights in NF4", count)
+    if config.embeddings_on_host:
+        embedding = model.model.embed_tokens
+        table = embedding.weight
+        log.info("input embedding table (%.2f GiB) in %s %s memory (%s): ids looked up there, rows sent",
+                 table.numel() * table.element_size() / 2**30, "pinned" if table.is_pinned() else "pageable",
+                 "host" if table.device.type == "cpu" else table.device.type, type(embedding).__name__)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA rank %d on %s: %s trainable parameters", config.rank, ", ".join(config.target_modules),
              f"{trainable:,}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from ft.errors import ConfigError
-from ft.lora.config import LoraConfig, check_lora_config
+from ft.lora.config import LoraConfig, check_embeddings_on_host_layout, check_lora_config
 
 
 @dataclass(kw_only=True)
@@ -132,6 +132,9 @@ class LmTrainingConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"config key '{key}' must be at least 1 or null, got {value}")
+        check_embeddings_on_host_layout(self.lora, tensor_parallel_size=self.tensor_parallel_size,
+                                        pipeline_parallel_size=getattr(self, "pipeline_parallel_size", 1),
+                                        fsdp_replicas=self.fsdp_replicas)
 
 
 def check_optimizer_values(config: LmTrainingConfig) -> None:

@@ -5,6 +5,7 @@
   FSDP (dp x tp) or TP, plus the unsharded compute-dtype copies FSDP gathers (two
   blocks in flight; every block with `reshard_after_forward=false`) or autocast
   keeps for backward (one process, mixed precision, no activation checkpointing);
+  LoRA's input embedding table counts nothing with `lora_embeddings_on_host`;
 - gradients: one per trainable parameter in its dtype (float32 reduce under FSDP
   mixed precision), or, with the optimizer in backward, the two largest at once;
 - optimizer states: the optimizer's own count (`OptimizerKind.state_bytes`),
@@ -69,6 +70,8 @@ class MemoryPlan:
     lora_rank: int | None = None
     """LoRA: only adapters of this rank on every linear layer train (an upper bound)."""
     lora_nf4: bool = False
+    lora_embeddings_on_host: bool = False
+    """`lora.embeddings_on_host`: the frozen input embedding table stays in host memory (no GPU bytes)."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,9 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         # embeddings, output layer and norms stay in the compute dtype.
         nf4_numel = sum(n for name, n in numels.items() if plan.lora_nf4 and ".layers." in f".{name}"
                         and len(shapes[name]) == 2)
-        frozen = nf4_numel * (0.5 + 4 / 64) + (total - nf4_numel) * compute
+        # With embeddings_on_host the input embedding table is in host memory.
+        host_numel = numels.get("model.embed_tokens.weight", 0) if plan.lora_embeddings_on_host else 0
+        frozen = nf4_numel * (0.5 + 4 / 64) + (total - nf4_numel - host_numel) * compute
         weights = (frozen + trainable * param_bytes) / shard
     else:
         weights = total * param_bytes / shard
