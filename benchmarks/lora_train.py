@@ -10,8 +10,10 @@ Variant names are words joined by `_`: `ft` or `hf_peft`, `lora` or `qlora`, the
 `compile`, `ac` (full activation checkpointing; selective with `compile`; HF:
 gradient checkpointing), `offload` (ft: `activation_offloading`, which under full
 checkpointing sends each block's input to pinned host memory until its recompute)
-and `bf16` (ft: pure bf16, `mixed_precision=false`: adapters and their AdamW states
-in bf16 as torchtune's published figures, instead of float32 under autocast).
+`bf16` (ft: pure bf16, `mixed_precision=false`: adapters and their AdamW states
+in bf16 as torchtune's published figures, instead of float32 under autocast) and
+`hostemb` (ft: `lora.embeddings_on_host`, the frozen input embedding table in pinned
+host memory, only the looked-up rows sent to the GPU).
 
 ft runs the recipe's step (`common.FtTrainer`: accumulate_gradients + clip + fused
 AdamW over the adapters only) on a model built as the recipe builds it
@@ -63,10 +65,11 @@ WORKLOADS: dict[str, dict[str, Any]] = {
                    "variants": ["ft_lora_compile", "ft_lora_compile_ac", "hf_peft_lora", "hf_peft_lora_compile_ac"]},
     "memory": {"arch": "llama3_1_8b", "seq_len": 2048, "batch_size": 2, "packed": True,
                "variants": ["ft_lora_ac", "ft_qlora_ac", "ft_lora_ac_offload", "ft_qlora_ac_offload",
-                            "ft_lora_bf16_ac_offload", "ft_qlora_bf16_ac_offload", "hf_peft_lora_ac",
-                            "hf_peft_qlora_ac"]},
+                            "ft_lora_bf16_ac_offload", "ft_qlora_bf16_ac_offload",
+                            "ft_lora_bf16_ac_offload_hostemb", "ft_qlora_bf16_ac_offload_hostemb",
+                            "hf_peft_lora_ac", "hf_peft_qlora_ac"]},
 }
-VARIANT_WORDS = {"ft", "hf", "peft", "lora", "qlora", "compile", "ac", "offload", "bf16"}
+VARIANT_WORDS = {"ft", "hf", "peft", "lora", "qlora", "compile", "ac", "offload", "bf16", "hostemb"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Variant:
     ac: str  # "none" | "selective" | "full" (HF: gradient checkpointing unless "none")
     offload: bool = False  # ft: activation_offloading
     precision: str = "mixed"  # ft: "mixed" (float32 adapters under bf16 autocast) | "bf16" (pure)
+    host_embeddings: bool = False  # ft: lora.embeddings_on_host
 
 
 def parse_variant(name: str) -> Variant:
@@ -85,13 +89,13 @@ def parse_variant(name: str) -> Variant:
     if not words <= VARIANT_WORDS or not words & {"lora", "qlora"}:
         raise ValueError(f"variant {name!r}: its words must be among {sorted(VARIANT_WORDS)}, with lora or qlora")
     impl = "hf" if "hf" in words else "ft"
-    if impl == "hf" and words & {"offload", "bf16"}:
-        raise ValueError(f"variant {name!r}: offload and bf16 are ft variants")
+    if impl == "hf" and words & {"offload", "bf16", "hostemb"}:
+        raise ValueError(f"variant {name!r}: offload, bf16 and hostemb are ft variants")
     # Uncompiled ft variants (the memory workload) take the smallest activation footprint.
     ac = "none" if "ac" not in words else ("selective" if impl == "ft" and "compile" in words else "full")
     return Variant(name=name, impl=impl, quantization="nf4" if "qlora" in words else "none",
                    compile="compile" in words, ac=ac, offload="offload" in words,
-                   precision="bf16" if "bf16" in words else "mixed")
+                   precision="bf16" if "bf16" in words else "mixed", host_embeddings="hostemb" in words)
 
 
 def tiny_config(arch: str) -> Any:
@@ -109,7 +113,7 @@ def lora_flops_per_token(config: Any, seq_len: int, lora_params: int) -> float:
 
 
 def build_ft(config: Any, variant: Variant, lora: LoraConfig, gangs: Any, *, seed: int) -> torch.nn.Module:
-    lora = dataclasses.replace(lora, base_quantization=variant.quantization)
+    lora = dataclasses.replace(lora, base_quantization=variant.quantization, embeddings_on_host=variant.host_embeddings)
 
     def parallelize(model):
         return parallelize_model(model, gangs, activation_checkpointing=variant.ac, compile=variant.compile)
@@ -129,7 +133,8 @@ def predicted_peak_gib(variant: Variant, config: Any, spec: dict[str, Any], loss
     plan = MemoryPlan(model_config=config, mixed_precision=variant.precision == "mixed",
                       activation_checkpointing=variant.ac, activation_offloading=variant.offload,
                       max_num_tokens=spec["seq_len"] * spec["batch_size"], loss_chunk_size=loss_chunk_size,
-                      lora_rank=16, lora_nf4=variant.quantization == "nf4")
+                      lora_rank=16, lora_nf4=variant.quantization == "nf4",
+                      lora_embeddings_on_host=variant.host_embeddings)
     return round(predict_memory(plan).peak / GIB, 2)
 
 

@@ -28,12 +28,14 @@ def test_lora_memory_workload_tiny(tmp_path):
     doc = json.loads(out.read_text())
     by_name = {r["name"]: r for r in doc["results"]}
     assert by_name["hf_peft_qlora_ac"]["status"] == "skipped"  # bitsandbytes is not installed
-    offloaded = ("ft_lora_ac_offload", "ft_qlora_ac_offload", "ft_lora_bf16_ac_offload", "ft_qlora_bf16_ac_offload")
+    offloaded = ("ft_lora_ac_offload", "ft_qlora_ac_offload", "ft_lora_bf16_ac_offload", "ft_qlora_bf16_ac_offload",
+                 "ft_lora_bf16_ac_offload_hostemb", "ft_qlora_bf16_ac_offload_hostemb")
     for name in ("ft_lora_ac", "ft_qlora_ac", "hf_peft_lora_ac", *offloaded):
         result = by_name[name]
         assert result["status"] == "ok", result
         assert result["tokens_per_s"] > 0 and 0 < result["mfu_lora_count_measured_peak"] < result["mfu_measured_peak"]
         assert result["trainable_params"] == by_name["ft_lora_ac"]["trainable_params"]  # the same adapters
     assert all(by_name[name]["offload"] and by_name[name]["ac"] == "full" for name in offloaded)
-    assert [by_name[name]["precision"] for name in offloaded] == ["mixed", "mixed", "bf16", "bf16"]
+    assert [by_name[name]["precision"] for name in offloaded] == ["mixed", "mixed", "bf16", "bf16", "bf16", "bf16"]
+    assert [by_name[name]["host_embeddings"] for name in offloaded] == [False] * 4 + [True] * 2
     assert doc["tiny"] is True and doc["published"]["nemo_automodel_tokens_per_s"] == 12_473
