@@ -60,7 +60,7 @@ def test_every_help_imports_no_torch_and_lists_what_it_did():
         for doc in docs:
             assert f"\n  {doc.key} = {doc.default}" in text, (verb, doc.key)
     finetune = helps["lm instruction_finetune"]
-    for line in ("lora.rank = 16", "learning_rate = 0.003", "dtype = auto", "metric_recorders = [jsonl]",
+    for line in ("lora.rank = 16", "lora.embeddings_on_host = false", "learning_rate = 0.003", "dtype = auto", "metric_recorders = [jsonl]",
                  "Tokens per micro-batch per rank (rows x max_seq_len)"):
         assert line in finetune
     assert "criterion.dpo.beta = 0.1" in helps["lm preference_finetune"]

@@ -33,9 +33,9 @@ class LoraConfig:
     export_merged: bool = False
     """At every checkpoint also write the base with the adapters merged in (`step_N/merged/`)."""
     embeddings_on_host: bool = False
-    """Keep the frozen input embedding table in (pinned) host memory: ids are looked up on the host and only
-    their rows go to the GPU (one small synchronization per forward). One process, untied embeddings, not with
-    train_embeddings."""
+    """Keep the frozen input embedding table in host memory and send only the looked-up rows to the GPU (one
+    process, untied embeddings, not with train_embeddings). Saves the table's GPU memory (0.98 GiB for Llama 3.1
+    8B) for one small synchronization per forward; the table is pinned when CUDA is available."""
 
     @property
     def scaling(self) -> float:
