@@ -102,7 +102,8 @@ def test_a_run_trains_like_without_the_key_and_resumes_exactly(tmp_path, user_as
     assert run_finetune(hosted, *settings, ON) == 0
     losses = [m["loss"] for m in read_metrics(plain)]
     assert [m["loss"] for m in read_metrics(hosted)] == losses and losses[-1] < losses[0]
-    assert "input embedding table (0.00 GiB) in pageable host memory (HostEmbedding)" in (hosted / "logs" / "rank_0.log").read_text()
+    log = (hosted / "logs" / "rank_0.log").read_text()
+    assert "input embedding table (0.00 GiB) in pageable host memory (HostEmbedding)" in log
     with monkeypatch.context() as patch:
         stop_after(patch, 2)
         run_finetune(resumed, *settings, ON)
@@ -118,6 +119,18 @@ def test_a_run_trains_like_without_the_key_and_resumes_exactly(tmp_path, user_as
             assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), file
         assert (other_step / "adapter_config.json").read_text() == (step / "adapter_config.json").read_text()
     assert_trainer_state_holds_only_adapters(hosted / "checkpoints" / "step_4")
+
+
+def test_qlora_with_the_key_trains_like_without(tmp_path, user_assets, untied_base):
+    pytest.importorskip("torchao")
+    settings = [*LORA, *untied_base, "lora.base_quantization=nf4", "max_num_steps=2", "activation_checkpointing=full"]
+    assert run_finetune(tmp_path / "plain", *settings) == 0
+    assert run_finetune(tmp_path / "hosted", *settings, ON) == 0
+    losses = [m["loss"] for m in read_metrics(tmp_path / "plain")]
+    assert [m["loss"] for m in read_metrics(tmp_path / "hosted")] == losses
+    ours, theirs = (load_file(tmp_path / run / "checkpoints" / "step_2" / "adapter_model.safetensors")
+                    for run in ("hosted", "plain"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.parametrize("overrides, message", [
