@@ -42,3 +42,13 @@ def test_qlora_quantizes_only_the_block_linears(shapes):
     # bf16 base 14.96 GiB; embeddings and output layer (2 x 128256 x 4096) stay bf16 under QLoRA.
     assert abs(bf16.weights - nf4.weights - linears * (2 - 0.5 - 4 / 64)) < 1
     assert 5.6 < nf4.weights / GIB < 5.9
+
+
+def test_four_bit_adamw_counts_its_step_intermediates_for_the_largest_parameter(shapes):
+    """torchao's 4-bit step materialises int64 codes and float32 values of both states for the
+    parameter it steps (24 bytes per element); the 8-bit step fuses them."""
+    plan = MemoryPlan(model_config=CONFIG, dtype="bfloat16", mixed_precision=False, optimizer="adamw4bit",
+                      activation_checkpointing="selective", max_num_tokens=TOKENS)
+    largest = max(math.prod(shape) for shape in shapes.values())
+    assert predict_memory(plan, shapes).step_transient == 24 * largest
+    assert predict_memory(dataclasses.replace(plan, optimizer="adamw8bit"), shapes).step_transient == 0

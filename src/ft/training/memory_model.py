@@ -11,8 +11,8 @@
 - optimizer states: the optimizer's own count (`OptimizerKind.state_bytes`),
   float32 where the step is stochastically rounded, none on the GPU when offloaded;
 - step transient: what the step allocates beside them (float32 copies of one
-  parameter and its gradient when stepped one at a time; torch's multi-tensor
-  Adafactor a copy of all gradients);
+  parameter and its gradient when stepped one at a time; torchao's low-bit steps
+  their own intermediates for the largest parameter, `OptimizerKind.step_bytes_per_element`);
 - activations: per token and block, what a Llama-shaped block saves for backward
   (`_block_bytes_per_token`) under no, selective or full checkpointing; with
   activation offloading, two blocks' worth stay on the GPU, or under full
@@ -198,6 +198,8 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         step_transient = largest * 8 / shard if (plan.stochastic_rounding or plan.optimizer_cpu_offload) else 0.0
     else:
         step_transient = 0.0
+    if not plan.optimizer_cpu_offload:  # the optimizer's own intermediates for its largest parameter
+        step_transient = max(step_transient, largest * kind.step_bytes_per_element / shard)
 
     tokens = plan.max_num_tokens
     # Autocast keeps the residual stream in the float32 embedding's dtype; LoRA's frozen embedding
