@@ -18,7 +18,10 @@ for side-by-side runs: "cuda_graph_full_cache" and "compile_full_cache" attend o
 the whole static cache every step (the path before window buckets),
 "compile_static_buckets" compiles each window bucket with its static length, and
 "compile_autotune" compiles with mode="max-autotune-no-cudagraphs" (autotuned
-Triton matmuls for the skinny decode GEMMs) inside ft's own CUDA graphs.
+Triton matmuls for the skinny decode GEMMs) inside ft's own CUDA graphs;
+"compile_fused" (the default, as "compile") and "compile_unfused" /
+"cuda_graph_unfused" run q/k/v and gate/up as one matmul each or one per
+projection (`ft.generation.fused_projections`).
 
 Memory-bandwidth use of ft's decode step: a prefill-only call (one new token) is
 timed too, and `decode_step_s` = (whole call - prefill call) / (new tokens - 1).
@@ -140,6 +143,10 @@ FT_MODES: dict[str, dict[str, Any]] = {
     # Inductor's autotuned Triton matmuls (the skinny decode GEMMs) inside ft's own CUDA graphs.
     "compile_autotune": dict(cuda_graphs=True, compile=True,
                              decode_options=DecodeOptions(compile_mode="max-autotune-no-cudagraphs")),
+    # q/k/v and gate/up as one matmul each (generate's default) or one per projection (before fusion).
+    "compile_fused": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(fused_projections=True)),
+    "compile_unfused": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(fused_projections=False)),
+    "cuda_graph_unfused": dict(cuda_graphs=True, compile=False, decode_options=DecodeOptions(fused_projections=False)),
 }
 
 

@@ -16,8 +16,8 @@ window length as a dynamic size, so it compiles once for all of them.
 in one process: the whole cache every step (the path before buckets), one static
 compile per bucket, another torch.compile mode (e.g. "max-autotune-no-cudagraphs",
 which tunes the skinny matmuls of decoding; ft captures its own graphs, so the
-mode must not add cudagraphs). Every option gives the same logits up to the
-kernels' rounding.
+mode must not add cudagraphs), unfused projections (`Generator` fuses them by
+default). Every option gives the same logits up to the kernels' rounding.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ class DecodeOptions:
     """Compile once with the window length dynamic; False: one static compile per bucket."""
     compile_mode: str | None = None
     """torch.compile's `mode` for the compiled step (None: its default)."""
+    fused_projections: bool = True
+    """While generating, q/k/v and gate/up projections run as one matmul each on
+    concatenated weights (`ft.generation.fused_projections`; prefill too); False: one
+    matmul per projection, as the model is built."""
 
 
 _compiled_decode_forward: dict[tuple[str | None, bool], object] = {}

@@ -26,6 +26,7 @@ from ft.errors import DataError
 from ft.generation.beam import beam_search
 from ft.generation.cache import StaticKVCache
 from ft.generation.decode_step import DecodeOptions, DecodeStep
+from ft.generation.fused_projections import fused_projections
 from ft.generation.generator_config import GeneratorConfig
 from ft.generation.sampling import TokenSampler
 
@@ -104,6 +105,17 @@ class Generator:
         on_batch: BatchCallback | None = None,
     ) -> list[Generation]:
         """`on_batch` gets each batch's generations as soon as the batch is done (to write them)."""
+        with fused_projections(self.model, enabled=self.decode_options.fused_projections):
+            return self._generate(prompts, progress=progress, stats=stats, on_batch=on_batch)
+
+    def _generate(
+        self,
+        prompts: Sequence[Sequence[int] | str],
+        *,
+        progress: ProgressCallback | None,
+        stats: GenerateStats | None,
+        on_batch: BatchCallback | None,
+    ) -> list[Generation]:
         config, tokenizer = self.config, self.tokenizer
         prompt_ids = [tokenizer.encode_prompt(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         for i, ids in enumerate(prompt_ids):

@@ -291,18 +291,27 @@ class Attention(nn.Module):
         # Qwen3: RMSNorm over each head's vector of queries and keys, before RoPE.
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        # Generation only (`ft.generation.fused_projections`): q/k/v weights (and biases)
+        # concatenated, so one matmul replaces three. Not in the state dict; None otherwise.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def forward(
         self, x_BTD: Tensor, cos_BTH: Tensor, sin_BTH: Tensor, mask: AttentionMask, kv_cache: KVCache | None
     ) -> Tensor:
         B, T, _ = x_BTD.shape
-        q_BTNH = self.q_proj(x_BTD).view(B, T, -1, self.head_dim)
-        k_BTKH = self.k_proj(x_BTD).view(B, T, -1, self.head_dim)
+        if self.qkv_weight is not None:
+            sizes = [self.q_proj.weight.shape[0], self.k_proj.weight.shape[0], self.v_proj.weight.shape[0]]
+            q_BTO, k_BTO, v_BTO = F.linear(x_BTD, self.qkv_weight, self.qkv_bias).split(sizes, dim=-1)
+        else:
+            q_BTO, k_BTO, v_BTO = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q_BTNH = q_BTO.view(B, T, -1, self.head_dim)
+        k_BTKH = k_BTO.view(B, T, -1, self.head_dim)
         if self.q_norm is not None:
             q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
         q_BNTH = q_BTNH.transpose(1, 2)
         k_BKTH = k_BTKH.transpose(1, 2)
-        v_BKTH = self.v_proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v_BKTH = v_BTO.view(B, T, -1, self.head_dim).transpose(1, 2)
         q_BNTH = apply_rope(q_BNTH, cos_BTH, sin_BTH)
         k_BKTH = apply_rope(k_BKTH, cos_BTH, sin_BTH)
         if kv_cache is not None:
@@ -327,9 +336,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        # Generation only (`ft.generation.fused_projections`): gate and up weights
+        # concatenated, one matmul for both. Not in the state dict; None otherwise.
+        self.register_buffer("gate_up_weight", None, persistent=False)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        if self.gate_up_weight is not None:
+            gate_BTF, up_BTF = F.linear(x_BTD, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate_BTF, up_BTF = self.gate_proj(x_BTD), self.up_proj(x_BTD)
+        return self.down_proj(F.silu(gate_BTF) * up_BTF)
 
 
 class DecoderLayer(nn.Module):
