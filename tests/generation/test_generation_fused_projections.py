@@ -11,7 +11,7 @@ import pytest
 import torch
 from generation_helpers import IdTokenizer, random_prompts
 
-from ft.generation import DecodeOptions, Generator, GeneratorConfig
+from ft.generation import DecodeOptions, GenerateStats, Generator, GeneratorConfig
 from ft.generation.fused_projections import fuse_projections, fused_projections, unfuse_projections
 from ft.lora.layers import LoraLinear
 from ft.models import build_model
@@ -164,3 +164,23 @@ def test_disabled_option_leaves_the_model_unfused():
         assert num_fused == 0 and _layer(model).self_attn.qkv_weight is None
     assert _layer(model).self_attn.q_proj.weight.untyped_storage().data_ptr() != \
         _layer(model).self_attn.k_proj.weight.untyped_storage().data_ptr()
+
+
+def test_compiled_fused_step_gives_the_eager_unfused_tokens():
+    model = _model("qwen3_debug", seed=9)
+    prompts = random_prompts([7, 2], vocab_size=256, seed=10)
+
+    def run(fused: bool, compile: bool):
+        config = GeneratorConfig(greedy=True, max_gen_len=12, batch_size=len(prompts), compile=compile)
+        stats = GenerateStats()
+        options = DecodeOptions(fused_projections=fused)
+        generator = Generator(model, IdTokenizer(stop_ids=()), config, decode_options=options)
+        return generator(prompts, stats=stats), stats.decode_path
+
+    eager, _ = run(False, False)
+    compiled, path = run(True, True)
+    if path == "eager":
+        pytest.skip("torch.compile is unavailable here (the step fell back to eager, as designed)")
+    assert [c.tokens for c in compiled] == [e.tokens for e in eager]
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(e.logprobs), atol=1e-5, rtol=1e-5)
