@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(decimal; 24 = an RTX 4090), as memory_savers.py's capped variants")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.memory_cap_gb is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--memory-cap-gb caps the CUDA allocator: it needs a GPU")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
