@@ -172,7 +172,8 @@ def recipe_refusal(config: Any, model_config: Any) -> Callable[[dict[str, Any]],
             candidate.check()
             check_parallel_layout(model_config, tensor_parallel_size=candidate.tensor_parallel_size,
                                   data_parallelism=candidate.data_parallelism,
-                                  activation_checkpointing=candidate.activation_checkpointing)
+                                  activation_checkpointing=candidate.activation_checkpointing,
+                                  activation_checkpointing_blocks=candidate.activation_checkpointing_blocks)
             check_pipeline_layout(model_config, pipeline_parallel_size=candidate.pipeline_parallel_size,
                                   schedule=candidate.pipeline_schedule, micro_batches=candidate.gradient_accumulation)
         except ConfigError as error:

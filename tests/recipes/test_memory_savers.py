@@ -51,6 +51,10 @@ BAD = [
     (["bf16_stochastic_rounding=true"], "config key 'bf16_stochastic_rounding' applies to bfloat16 parameters"),
     (["optimizer=adam"], "config key 'optimizer': unknown optimizer 'adam' (did you mean 'adamw'?)"),
     (["max_memory_gib=0"], "config key 'max_memory_gib' must be a finite number > 0"),
+    (["activation_checkpointing_blocks=1"],
+     "config key 'activation_checkpointing_blocks' (1) needs activation_checkpointing=selective or full"),
+    (["activation_checkpointing=selective", "activation_checkpointing_blocks=-1"],
+     "config key 'activation_checkpointing_blocks' must be at least 0, or null for every block, got -1"),
 ]
 
 
@@ -64,6 +68,26 @@ def test_impossible_combination_is_one_line(tmp_path, user_assets, capsys, overr
     assert not (tmp_path / "run").exists()
 
 
+# Refused once the model (its block count) and the layout are known.
+BAD_LAYOUT = [
+    (["activation_checkpointing=full", "activation_checkpointing_blocks=5"],
+     "config key 'activation_checkpointing_blocks' must be between 0 and the model's 4 blocks"),
+    (["activation_checkpointing=full", "activation_checkpointing_blocks=2", "pipeline_parallel_size=2",
+      "gradient_accumulation=2"],
+     "config key 'activation_checkpointing_blocks' (2) cannot be combined with pipeline_parallel_size=2"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_LAYOUT, ids=[" ".join(o) for o, _ in BAD_LAYOUT])
+def test_impossible_layout_is_one_line(tmp_path, user_assets, capsys, overrides, message):
+    assert run_finetune(tmp_path / "run", *overrides) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: {message}"), line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_dry_run_prints_the_plan_and_builds_nothing(tmp_path, user_assets, capsys):
     out = tmp_path / "run"
     assert main(["lm", "instruction_finetune", str(out), "--dry-run", "--config", "max_memory_gib=0.55"]) == 0
@@ -72,6 +96,23 @@ def test_dry_run_prints_the_plan_and_builds_nothing(tmp_path, user_assets, capsy
                      "optimizer_states", "activations", "peak allocated", "fits: no", "cheapest change that fits: activation_checkpointing="):
         assert expected in text, (expected, text)
     assert not out.exists()
+
+
+def test_dry_run_shows_partial_checkpointing_and_its_memory(tmp_path, user_assets, capsys):
+    def dry_run(*settings: str) -> tuple[str, float]:
+        # Enough tokens that activations show in the printed GiB.
+        assert main(["lm", "instruction_finetune", str(tmp_path / "run"), "--dry-run", "--config",
+                     "max_num_tokens=65536", *settings]) == 0
+        text = capsys.readouterr().out
+        (peak,) = [line for line in text.splitlines() if line.strip().startswith("peak allocated")]
+        return text, float(peak.split()[2])
+
+    text, partial = dry_run("activation_checkpointing=selective", "activation_checkpointing_blocks=1")
+    assert "activation checkpointing: selective on the first 1 of 4 blocks" in text, text
+    text, every = dry_run("activation_checkpointing=selective")
+    assert "activation checkpointing: selective on all 4 blocks" in text, text
+    _, none = dry_run("activation_checkpointing=none")
+    assert every < partial < none
 
 
 def test_dry_run_plans_an_8b_model_without_its_checkpoint(tmp_path, user_assets, capsys):

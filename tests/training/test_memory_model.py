@@ -52,3 +52,31 @@ def test_four_bit_adamw_counts_its_step_intermediates_for_the_largest_parameter(
     largest = max(math.prod(shape) for shape in shapes.values())
     assert predict_memory(plan, shapes).step_transient == 24 * largest
     assert predict_memory(dataclasses.replace(plan, optimizer="adamw8bit"), shapes).step_transient == 0
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_partial_checkpointing_spans_every_block_to_none(shapes, mode):
+    """activation_checkpointing_blocks=N: N blocks at the checkpointed size, the rest at a whole
+    block's; 32 blocks is the plain setting, 0 is no checkpointing; each block more saves memory."""
+    plan = MemoryPlan(model_config=CONFIG, dtype="bfloat16", mixed_precision=False, activation_checkpointing=mode,
+                      max_num_tokens=8192)
+    every = predict_memory(plan, shapes)
+    assert predict_memory(dataclasses.replace(plan, activation_checkpointing_blocks=CONFIG.n_layers), shapes) == every
+    none = predict_memory(dataclasses.replace(plan, activation_checkpointing="none"), shapes)
+    zero = predict_memory(dataclasses.replace(plan, activation_checkpointing_blocks=0), shapes)
+    assert zero.activations == none.activations and zero.recompute == 0 and zero.peak == none.peak
+    estimates = [predict_memory(dataclasses.replace(plan, activation_checkpointing_blocks=n), shapes)
+                 for n in range(CONFIG.n_layers + 1)]
+    steps = {round(b.activations - a.activations) for a, b in zip(estimates[1:], estimates)}
+    assert len(steps) == 1 and steps.pop() > 0  # one block's saving, the same for each
+    assert all(b.peak >= a.peak for a, b in zip(estimates[1:], estimates)) and estimates[0].peak > every.peak
+    # Backward frees a block that is not checkpointed before it recomputes one that is.
+    assert all(e.recompute == 0 for e in estimates[:-1]) and estimates[-1].recompute > 0
+
+
+def test_partial_checkpointing_in_mixed_precision_keeps_autocast_casts_for_its_blocks(shapes):
+    plan = MemoryPlan(model_config=CONFIG, activation_checkpointing="selective", max_num_tokens=TOKENS)
+    weights = [predict_memory(dataclasses.replace(plan, activation_checkpointing_blocks=n), shapes).weights
+               for n in (0, 16, 32)]
+    none = predict_memory(dataclasses.replace(plan, activation_checkpointing="none"), shapes)
+    assert weights[0] == none.weights and weights[0] > weights[1] > weights[2]

@@ -49,6 +49,7 @@ def check_parallel_layout(
     tensor_parallel_size: int,
     data_parallelism: str = "fsdp",
     activation_checkpointing: str = "none",
+    activation_checkpointing_blocks: int | None = None,
 ) -> None:
     """ConfigError for a model/layout pair that cannot work; cheap, call it before building."""
     if data_parallelism not in ("fsdp", "ddp"):
@@ -57,6 +58,8 @@ def check_parallel_layout(
         raise ConfigError(
             f"activation_checkpointing={activation_checkpointing!r} is not one of 'none', 'full', 'selective'"
         )
+    check_checkpointed_blocks(activation_checkpointing_blocks, activation_checkpointing=activation_checkpointing,
+                              n_layers=config.n_layers)
     tp = tensor_parallel_size
     if tp == 1:
         return
@@ -73,6 +76,21 @@ def check_parallel_layout(
                 f"tensor_parallel_size={tp} does not divide the model's {name}={size}; "
                 f"use one of {divisors}"
             )
+
+
+def check_checkpointed_blocks(blocks: int | None, *, activation_checkpointing: str, n_layers: int | None) -> None:
+    """ConfigError for an `activation_checkpointing_blocks` value that cannot work
+    (`n_layers`: the model's blocks, None when not known yet)."""
+    if blocks is None:
+        return
+    if activation_checkpointing == "none":
+        raise ConfigError(f"config key 'activation_checkpointing_blocks' ({blocks}) needs activation_checkpointing="
+                          f"selective or full; with activation_checkpointing=none no block is checkpointed: "
+                          f"leave activation_checkpointing_blocks null")
+    if blocks < 0 or (n_layers is not None and blocks > n_layers):
+        limit = f"between 0 and the model's {n_layers} blocks" if n_layers is not None else "at least 0"
+        raise ConfigError(f"config key 'activation_checkpointing_blocks' must be {limit}, or null for every "
+                          f"block, got {blocks}")
 
 
 def _checkpointed(forward, checkpoint, options: dict[str, Any]):
@@ -131,6 +149,7 @@ def parallelize_model(
     *,
     data_parallelism: DataParallelism = "fsdp",
     activation_checkpointing: ActivationCheckpointing = "none",
+    activation_checkpointing_blocks: int | None = None,
     compile: bool = False,
     reshard_after_forward: bool = True,
     param_dtype: torch.dtype | None = None,
@@ -148,7 +167,10 @@ def parallelize_model(
     (None: the parameters' dtype) and reduces gradients in `reduce_dtype`. DDP
     ignores `param_dtype` (use autocast). `activation_checkpointing`: "full"
     recomputes each whole block in backward; "selective" recomputes only its
-    elementwise ops (see `_selective_checkpoint_context`). `fp8`: "none", or torchao's
+    elementwise ops (see `_selective_checkpoint_context`); `activation_checkpointing_blocks`
+    (None: all) checkpoints only the first N blocks of `model.model.layers` and lets the
+    rest keep every activation: the last blocks run backward first, so theirs are freed
+    first, and memory left over buys less recompute. `fp8`: "none", or torchao's
     float8 recipe for the linear layers ("tensorwise", "rowwise"; see `ft.models.fp8`).
     `async_tp`: with TP, sequence parallelism and compile on CUDA, overlap TP's collectives
     with the matmuls (`ft.models.async_tp`; the recipe checks those conditions).
@@ -156,7 +178,7 @@ def parallelize_model(
     tp_size, dp_size = gangs.tp.size, gangs.dp.size
     check_parallel_layout(
         model.config, tensor_parallel_size=tp_size, data_parallelism=data_parallelism,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, activation_checkpointing_blocks=activation_checkpointing_blocks,
     )
     fsdp = dp_size > 1 and data_parallelism == "fsdp"
     if fp8 != "none":
@@ -192,7 +214,8 @@ def parallelize_model(
         from torch.utils.checkpoint import checkpoint
 
         options = {} if activation_checkpointing == "full" else {"context_fn": _selective_checkpoint_context}
-        for layer in layers:
+        n_checkpointed = len(layers) if activation_checkpointing_blocks is None else activation_checkpointing_blocks
+        for layer in layers[:n_checkpointed]:
             # Wrap forward only: FSDP's hooks stay outside the checkpointed region (so
             # the recompute sees the same ops as the forward) and names stay unchanged.
             layer.forward = _checkpointed(layer.forward, checkpoint, options)
@@ -315,4 +338,4 @@ def iter_full_state_dict(
         del full
 
 
-__all__ = ["check_parallel_layout", "iter_full_state_dict", "parallelize_model", "sequence_parallel_plan"]
+__all__ = ["check_checkpointed_blocks", "check_parallel_layout", "iter_full_state_dict", "parallelize_model", "sequence_parallel_plan"]

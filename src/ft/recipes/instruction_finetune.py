@@ -90,7 +90,8 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     def parallelize(model):
         return parallelize_model(
             model, gangs, data_parallelism=config.data_parallelism,
-            activation_checkpointing=config.activation_checkpointing, compile=compile_blocks,
+            activation_checkpointing=config.activation_checkpointing,
+            activation_checkpointing_blocks=config.activation_checkpointing_blocks, compile=compile_blocks,
             reshard_after_forward=config.fsdp_reshard_after_forward, param_dtype=dtype if mixed else None,
             reduce_dtype=torch.float32, fp8=config.fp8, sequence_parallel=config.sequence_parallel,
             async_tp=config.async_tensor_parallel,

@@ -122,6 +122,10 @@ def check_pipeline_settings(config: InstructionFinetuneConfig) -> None:
                           f"stages (QLoRA runs on one process or under FSDP2); use "
                           f"lora.base_quantization=none (the frozen base in dtype) with pipeline stages, or "
                           f"pipeline_parallel_size=1")
+    if config.activation_checkpointing_blocks is not None:  # which blocks would count: each stage's or the model's?
+        raise ConfigError(f"config key 'activation_checkpointing_blocks' ({config.activation_checkpointing_blocks}) "
+                          f"cannot be combined with pipeline_parallel_size={config.pipeline_parallel_size}: leave it "
+                          f"null (every block checkpointed), or use pipeline_parallel_size=1")
     for key, bad in (("optimizer_in_backward", config.optimizer_in_backward),
                      ("activation_offloading", config.activation_offloading),
                      ("data_parallelism=ddp", config.data_parallelism == "ddp")):

@@ -69,7 +69,8 @@ def resolve_model_and_tokenizer(config, gangs: Gangs):
     tokenizer = resolve_tokenizer(config.tokenizer, source)
     check_parallel_layout(source.config, tensor_parallel_size=config.tensor_parallel_size,
                           data_parallelism=config.data_parallelism,
-                          activation_checkpointing=config.activation_checkpointing)
+                          activation_checkpointing=config.activation_checkpointing,
+                          activation_checkpointing_blocks=config.activation_checkpointing_blocks)
     check_model_vocabulary(tokenizer, source)
     lora = config.lora if config.lora.enabled else None
     if lora is not None:

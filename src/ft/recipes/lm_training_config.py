@@ -67,6 +67,11 @@ class LmTrainingConfig:
 
     # Memory and speed.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward instead of keeping them: `selective` keeps attention's output and every
+    other matmul's (a sixth more compute), `full` only each block's input (one more forward)."""
+    activation_checkpointing_blocks: int | None = None
+    """Checkpoint only the first N blocks (0..n_layers; null: every block); the others keep all their activations,
+    trading memory left over for less recompute (`--dry-run` predicts the peak)."""
     torch_compile: Literal["auto"] | bool = "auto"
     """Compile each block with torch.compile; `auto`: on for CUDA, off on a CPU (logged either way)."""
     loss_chunk_size: int = 1024
@@ -122,6 +127,11 @@ class LmTrainingConfig:
         check_recorder_names(self.metric_recorders, key="metric_recorders")
         check_lora_config(self.lora)
         check_optimizer_values(self)
+        from ft.models.parallelize import check_checkpointed_blocks
+
+        # The upper bound is the model's block count, checked with the layout (`check_parallel_layout`).
+        check_checkpointed_blocks(self.activation_checkpointing_blocks,
+                                  activation_checkpointing=self.activation_checkpointing, n_layers=None)
 
     def check(self) -> None:
         """Counts out of range, caught before any work starts (a recipe's `check` adds its own rules)."""

@@ -89,7 +89,8 @@ def train(config: PreferenceFinetuneConfig, output_dir: Path, gangs: Gangs) -> i
     def parallelize(model):
         return parallelize_model(
             model, gangs, data_parallelism=config.data_parallelism,
-            activation_checkpointing=config.activation_checkpointing, compile=config.torch_compile,
+            activation_checkpointing=config.activation_checkpointing,
+            activation_checkpointing_blocks=config.activation_checkpointing_blocks, compile=config.torch_compile,
             reshard_after_forward=config.fsdp_reshard_after_forward, param_dtype=dtype if mixed else None,
             reduce_dtype=torch.float32,
         )

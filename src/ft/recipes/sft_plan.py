@@ -27,6 +27,7 @@ def memory_plan(config: Any, model_config: Any, *, dp_size: int, tp_size: int) -
         model_config=model_config, dtype=dtype, mixed_precision=config.mixed_precision, optimizer=config.optimizer,
         optimizer_in_backward=config.optimizer_in_backward, optimizer_cpu_offload=config.optimizer_cpu_offload,
         stochastic_rounding=config.bf16_stochastic_rounding, activation_checkpointing=config.activation_checkpointing,
+        activation_checkpointing_blocks=config.activation_checkpointing_blocks,
         activation_offloading=config.activation_offloading, max_num_tokens=config.max_num_tokens,
         loss_chunk_size=config.loss_chunk_size, dp_size=dp_size, tp_size=tp_size,
         data_parallelism=config.data_parallelism, fsdp_reshard_after_forward=config.fsdp_reshard_after_forward,
@@ -39,6 +40,17 @@ def memory_plan(config: Any, model_config: Any, *, dp_size: int, tp_size: int) -
 def predicted_peak_gib(config: Any, model_config: Any, *, dp_size: int, tp_size: int) -> float:
     plan = memory_plan(config, model_config, dp_size=dp_size, tp_size=tp_size)
     return round(predict_memory(plan).peak / GIB, 2)
+
+
+def _checkpointing_summary(config: Any, model_config: Any) -> str:
+    """activation_checkpointing and which blocks it covers, as `--dry-run` prints it."""
+    mode, blocks, n_layers = config.activation_checkpointing, config.activation_checkpointing_blocks, model_config.n_layers
+    if mode == "none":
+        return "none"
+    if blocks is None:
+        return f"{mode} on all {n_layers} blocks"
+    return (f"{mode} on the first {blocks} of {n_layers} blocks (activation_checkpointing_blocks={blocks}; "
+            f"the other {n_layers - blocks} keep all their activations)")
 
 
 def _gpu_memory_bytes() -> float | None:
@@ -80,6 +92,10 @@ def dry_run_instruction_finetune(config: Any) -> int:
     tp = config.tensor_parallel_size
     dp = max(1, world // (tp * config.pipeline_parallel_size))
     source = _model_source(config)
+    from ft.models.parallelize import check_checkpointed_blocks
+
+    check_checkpointed_blocks(config.activation_checkpointing_blocks, activation_checkpointing=config.activation_checkpointing,
+                              n_layers=source.config.n_layers)
     tokenizer = resolve_tokenizer(config.tokenizer, source)
     examples = read_examples(
         config.dataset, tokenizer, split=config.train_split,
@@ -100,6 +116,7 @@ def dry_run_instruction_finetune(config: Any) -> int:
         f"model: {source.description}",
         f"parameters: {estimate.params_trainable:,} trainable of {estimate.params_total:,}",
         f"layout: {world} process(es), dp={dp} ({config.data_parallelism}), tp={tp}, pp={config.pipeline_parallel_size}",
+        f"activation checkpointing: {_checkpointing_summary(config, source.config)}",
         f"data: {len(lengths):,} examples, {epoch_tokens:,} tokens per epoch (longest {max(lengths, default=0)}, "
         f"mean {epoch_tokens / max(1, len(lengths)):.0f})",
         f"tokens per step: {step_tokens:,} (max_num_tokens {config.max_num_tokens} x gradient_accumulation "

@@ -14,11 +14,13 @@
   parameter and its gradient when stepped one at a time; torchao's low-bit steps
   their own intermediates for the largest parameter, `OptimizerKind.step_bytes_per_element`);
 - activations: per token and block, what a Llama-shaped block saves for backward
-  (`_block_bytes_per_token`) under no, selective or full checkpointing; with
+  (`_block_bytes_per_token`) under no, selective or full checkpointing (only the
+  first `activation_checkpointing_blocks` blocks checkpointed, the rest none); with
   activation offloading, two blocks' worth stay on the GPU, or under full
   checkpointing two block inputs (the one being recomputed and the next, prefetched);
-- recompute: under checkpointing, the one block whose activations backward
-  rebuilds while the saved ones are still alive;
+- recompute: under checkpointing of every block, the one block whose activations
+  backward rebuilds while the saved ones are still alive (with some blocks not
+  checkpointed, backward has freed at least that much of theirs by then);
 - loss chunk: the float32 logits of one `loss_chunk_size` chunk and their
   exponentials, alive at the end of forward.
 Peak = weights + states + max(activations + loss chunk + output-layer gradient,
@@ -60,6 +62,8 @@ class MemoryPlan:
     optimizer_cpu_offload: bool = False
     stochastic_rounding: bool = False
     activation_checkpointing: str = "none"
+    activation_checkpointing_blocks: int | None = None
+    """Only the first N blocks checkpointed (None: every block); the others keep all their activations."""
     activation_offloading: bool = False
     max_num_tokens: int = 4096
     loss_chunk_size: int = 1024
@@ -164,11 +168,14 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         weights = total * param_bytes / shard
 
     block_params = _block_params(shapes)
+    checkpointed = _checkpointed_blocks(plan)
+    uncheckpointed = config.n_layers - checkpointed
     if fsdp and mixed:  # compute-dtype copies gathered for the blocks in flight
         weights += (block_params * config.n_layers if not plan.fsdp_reshard_after_forward else 2 * block_params) \
             * compute / plan.tp_size
-    elif mixed and plan.dp_size == 1 and plan.activation_checkpointing == "none":
-        weights += total * compute / plan.tp_size  # autocast's casts, saved for backward
+    elif mixed and plan.dp_size == 1 and uncheckpointed:
+        # autocast's casts, saved for backward by the blocks that are not checkpointed
+        weights += total * compute / plan.tp_size * uncheckpointed / config.n_layers
 
     grad_bytes = 4 if (fsdp and mixed) else param_bytes
     largest = max(math.prod(s) for s in trainable_shapes.values())
@@ -206,14 +213,17 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
     # is in the compute dtype (with lora.train_embeddings it is float32: slightly under-counted).
     residual = 4 if (mixed and not fsdp and not lora) else compute
     block = _block_bytes_per_token(config, compute, plan.tp_size)
-    recompute_per_token = block if plan.activation_checkpointing != "none" else 0.0
+    # Backward reaches the checkpointed blocks only after freeing the activations of the blocks
+    # after them; when any block is not checkpointed, those are at least the one recomputed block.
+    recompute_per_token = block if checkpointed == config.n_layers else 0.0
     if plan.activation_checkpointing == "full":
-        per_token = config.n_layers * residual * config.dim
+        per_checkpointed_block = residual * config.dim
     elif plan.activation_checkpointing == "selective":
-        per_token = config.n_layers * _selective_bytes_per_token(config, compute, residual, plan.tp_size)
+        per_checkpointed_block = _selective_bytes_per_token(config, compute, residual, plan.tp_size)
     else:
-        per_token = config.n_layers * block
-    if plan.activation_offloading and plan.activation_checkpointing == "full":
+        per_checkpointed_block = block  # no block is checkpointed
+    per_token = checkpointed * per_checkpointed_block + uncheckpointed * block
+    if plan.activation_offloading and plan.activation_checkpointing == "full" and not uncheckpointed:
         # The block inputs go to the host; backward holds the one it recomputes and the next (prefetched).
         per_token = 2 * residual * config.dim
     elif plan.activation_offloading:
@@ -237,6 +247,14 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
     return dataclasses.replace(estimate, allocator_slack=FRAGMENTATION * estimate.peak + CUDA_CONTEXT_BYTES)
 
 
+def _checkpointed_blocks(plan: MemoryPlan) -> int:
+    """How many blocks run under activation checkpointing: the first `activation_checkpointing_blocks`."""
+    if plan.activation_checkpointing == "none":
+        return 0
+    n_layers = plan.model_config.n_layers
+    return n_layers if plan.activation_checkpointing_blocks is None else min(plan.activation_checkpointing_blocks, n_layers)
+
+
 def _block_params(shapes: dict[str, tuple[int, ...]]) -> int:
     """Parameters of one decoder block (block 0)."""
     return sum(math.prod(shape) for name, shape in shapes.items() if ".layers.0." in f".{name}")
@@ -246,12 +264,16 @@ def cheapest_fix(plan: MemoryPlan, budget_bytes: float, shapes: dict[str, tuple[
     """The first setting change, in order of least cost to speed, under which the plan fits
     `budget_bytes`; None if none of the single or combined changes tried does."""
     candidates: list[tuple[str, dict[str, Any]]] = []
+    partial = plan.activation_checkpointing != "none" and _checkpointed_blocks(plan) < plan.model_config.n_layers
+    if partial:  # the blocks left unchecked are the cheapest memory to win back
+        candidates.append(("activation_checkpointing_blocks=null", {"activation_checkpointing_blocks": None}))
     if plan.activation_checkpointing == "none":
         candidates.append(("activation_checkpointing=selective", {"activation_checkpointing": "selective"}))
     if plan.optimizer == "adamw" and plan.lora_rank is None:
         candidates.append(("optimizer=adafactor", {"optimizer": "adafactor"}))
     if plan.activation_checkpointing != "full":
-        candidates.append(("activation_checkpointing=full", {"activation_checkpointing": "full"}))
+        candidates.append(("activation_checkpointing=full" + (" activation_checkpointing_blocks=null" if partial else ""),
+                           {"activation_checkpointing": "full", "activation_checkpointing_blocks": None}))
     if not plan.optimizer_in_backward:
         candidates.append(("optimizer_in_backward=true max_grad_norm=null", {"optimizer_in_backward": True}))
     if plan.mixed_precision and plan.dtype != "float32":
