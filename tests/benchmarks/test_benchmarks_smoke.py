@@ -78,6 +78,16 @@ def test_train_throughput_full_rows(tmp_path, workload):
     assert "ft_" in proc.stdout and "tok/s" in proc.stdout
 
 
+def test_train_throughput_partial_checkpointing_variant(tmp_path):
+    """A variant that checkpoints only some blocks: on the 2-block tiny model, 28 of 32 becomes 1 of 2."""
+    out = tmp_path / "b.json"
+    _run([sys.executable, str(BENCH / "train_throughput.py"), "--workload", "b", "--device", "cpu", "--tiny",
+          "--variants", "ft_bf16_compile_ac-selective-blocks28", "--out", str(out)], tmp_path)
+    (result,) = json.loads(out.read_text())["results"]
+    _check_timed(result)
+    assert result["activation_checkpointing"] == "selective" and result["activation_checkpointing_blocks"] == 1
+
+
 def test_train_throughput_gsm8k_packing_vs_padding(tmp_path):
     data = tmp_path / "gsm8k.jsonl"
     write_gsm8k_like(data, 120)

@@ -18,6 +18,7 @@ SAVERS = {
                               "max_grad_norm=null"],
     "cpu_offload": ["optimizer_cpu_offload=true"],
     "activation_offloading": ["activation_offloading=true", "activation_checkpointing=selective"],
+    "partial_checkpointing": ["activation_checkpointing=full", "activation_checkpointing_blocks=2"],
     "bf16_stochastic_rounding": ["dtype=bfloat16", "mixed_precision=false", "bf16_stochastic_rounding=true",
                                  "optimizer_in_backward=true", "max_grad_norm=null"],
 }

@@ -120,3 +120,16 @@ def test_model_only_checkpoints_written_in_the_background(tmp_path, pairs):
         assert (step_dir / "model.safetensors").is_file() and not (step_dir / "trainer").exists()
     log = (out / "logs" / "rank_0.log").read_text()
     assert "in the background (training paused" in log
+
+
+def test_partial_activation_checkpointing_trains_as_without(tmp_path, pairs, capsys):
+    """activation_checkpointing_blocks reaches the preference recipe's model: the first block
+    recomputed, the others not, and the same weights as no checkpointing (CPU float32: bitwise)."""
+    plain, partial = tmp_path / "plain", tmp_path / "partial"
+    assert run(plain, pairs, "max_num_steps=2") == 0
+    assert run(partial, pairs, "max_num_steps=2", "activation_checkpointing=full", "activation_checkpointing_blocks=1") == 0
+    expected = weights(plain / "checkpoints" / "step_2")
+    got = weights(partial / "checkpoints" / "step_2")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert run(tmp_path / "bad", pairs, "activation_checkpointing=full", "activation_checkpointing_blocks=99") != 0
+    assert "config key 'activation_checkpointing_blocks' must be between 0 and the model's" in capsys.readouterr().err
