@@ -30,7 +30,7 @@ from ft.models.pipeline import check_pipeline_layout
 from ft.parallel_plan import apply_parallel_plan, choose_plan, fixed_settings
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig, check_pipeline_settings
 from ft.recipes.sft_plan import _model_source, memory_plan
-from ft.training.memory_model import GIB, MemoryPlan, predict_memory
+from ft.training.memory_model import GIB, MemoryPlan
 
 
 @pytest.mark.parametrize("arch, gpus, gib, micro, fixed, want", [
@@ -129,22 +129,3 @@ def test_no_accepted_layout_fits_says_what_refused_the_others():
     assert _unchecked_plan(config, gpus=8, gib=80).pp > 1
     with pytest.raises(ConfigError, match="refused with this run's other settings, e.g. config key 'data_parallelism'"):
         apply_parallel_plan(config, world_size=8, gpu_memory_bytes=80 * GIB, log=lambda line: None)
-
-
-def test_selective_layout_checkpoints_only_the_blocks_it_needs():
-    """8B on one 141 GiB GPU: selective checkpointing of every block leaves memory over, so the
-    plan checkpoints the fewest first blocks that fit; one fewer would not fit."""
-    base = MemoryPlan(model_config=get_llama_arch("llama3_1_8b"), max_num_tokens=8192)
-    choice = choose_plan(base, world_size=1, gpu_memory_bytes=141 * GIB, micro_batches=1)
-    blocks = choice.activation_checkpointing_blocks
-    assert choice.activation_checkpointing == "selective" and 0 < blocks < 32, choice.describe()
-    assert choice.estimate.peak_with_slack <= 141 * GIB
-    assert f"activation_checkpointing_blocks={blocks}" in choice.describe()
-    assert choice.settings()["activation_checkpointing_blocks"] == blocks
-    fewer = predict_memory(dataclasses.replace(base, activation_checkpointing="selective",
-                                               activation_checkpointing_blocks=blocks - 1))
-    assert fewer.peak_with_slack > 141 * GIB
-    # A run that sets the key keeps it.
-    kept = choose_plan(dataclasses.replace(base, activation_checkpointing_blocks=32), world_size=1,
-                       gpu_memory_bytes=141 * GIB, micro_batches=1)
-    assert kept.activation_checkpointing_blocks is None and "activation_checkpointing_blocks" not in kept.settings()

@@ -4,9 +4,7 @@
 (within a node, dividing the model's heads, ffn and vocabulary), pipeline stages
 (at most the micro-batches per step and the layers), data parallel over the rest
 (HSDP with one replica per node once dp spans nodes) — with each activation
-checkpointing mode and, on one GPU, optimizer offload; a layout with selective
-checkpointing and memory left over checkpoints only as many first blocks as it
-needs to fit (`activation_checkpointing_blocks`, unless the run sets it). Settings the user chose
+checkpointing mode and, on one GPU, optimizer offload. Settings the user chose
 (`fixed`) are kept, and layouts the recipe's config checks refuse beside the run's
 other settings are skipped (`recipe_refusal`: e.g. no pipeline stages with
 sequence_parallel, activation_offloading or DDP; no tensor parallelism or HSDP with
@@ -15,8 +13,7 @@ with slack) fits the GPU's memory, it takes the fastest by a simple throughput m
 
     time ~ recompute x tp communication x pipeline bubble x offload
 
-- recompute: 1 (none), 1.17 (selective: a sixth more compute; for the checkpointed
-  share of the blocks), 1.33 (full: one more forward);
+- recompute: 1 (none), 1.17 (selective: a sixth more compute), 1.33 (full: one more forward);
 - tp communication: 1 + 0.08 (tp - 1) (two all-reduces per block on NVLink);
 - pipeline bubble: 1 + (pp - 1) / micro_batches (1F1B's idle time);
 - offload: 1.5 (the optimizer step on the CPU);
@@ -60,23 +57,16 @@ class ParallelChoice:
     optimizer_cpu_offload: bool
     estimate: MemoryEstimate
     cost: float
-    activation_checkpointing_blocks: int | None = None
-    """Set when the planner checkpoints only the first blocks (None: the run's own setting)."""
 
     def settings(self) -> dict[str, Any]:
         """The recipe keys of this choice."""
-        settings = {"tensor_parallel_size": self.tp, "pipeline_parallel_size": self.pp, "fsdp_replicas": self.replicas,
-                    "activation_checkpointing": self.activation_checkpointing,
-                    "optimizer_cpu_offload": self.optimizer_cpu_offload}
-        if self.activation_checkpointing_blocks is not None:
-            settings["activation_checkpointing_blocks"] = self.activation_checkpointing_blocks
-        return settings
+        return {"tensor_parallel_size": self.tp, "pipeline_parallel_size": self.pp, "fsdp_replicas": self.replicas,
+                "activation_checkpointing": self.activation_checkpointing,
+                "optimizer_cpu_offload": self.optimizer_cpu_offload}
 
     def describe(self) -> str:
         return (f"parallel plan: dp={self.dp}" + (f" (HSDP {self.replicas} replicas)" if self.replicas > 1 else "")
                 + f" tp={self.tp} pp={self.pp} activation_checkpointing={self.activation_checkpointing}"
-                + (f" activation_checkpointing_blocks={self.activation_checkpointing_blocks}"
-                   if self.activation_checkpointing_blocks is not None else "")
                 + f" optimizer_cpu_offload={str(self.optimizer_cpu_offload).lower()}; predicted peak "
                 f"{self.estimate.peak / GIB:.2f} GiB per GPU ({self.estimate.peak_with_slack / GIB:.2f} with slack), "
                 f"relative step time {self.cost:.2f}")
@@ -161,26 +151,7 @@ def choose_plan(base: MemoryPlan, *, world_size: int, gpu_memory_bytes: float, m
             f"{gpu_memory_bytes / GIB:.1f} GiB each fits (kept by hand: {kept}{others}); use more GPUs, a smaller "
             f"max_num_tokens, LoRA, or set max_memory_gib if the GPU has more memory"
         )
-    return _fewest_checkpointed_blocks(base, best, gpu_memory_bytes, shapes)
-
-
-def _fewest_checkpointed_blocks(base: MemoryPlan, choice: ParallelChoice, gpu_memory_bytes: float,
-                                shapes_cache: dict[int, dict]) -> ParallelChoice:
-    """`choice` with selective checkpointing on the fewest first blocks that still fit, when it
-    has one stage and the run leaves `activation_checkpointing_blocks` unset: memory the
-    layout leaves over buys less recompute (the blocks not checkpointed keep everything)."""
-    if choice.activation_checkpointing != "selective" or choice.pp > 1 or base.activation_checkpointing_blocks is not None:
-        return choice
-    n_layers = base.model_config.n_layers
-    for blocks in range(1, n_layers):  # fewest first; all of them is `choice` itself
-        estimate = stage_estimate(dataclasses.replace(base, activation_checkpointing_blocks=blocks), tp=choice.tp,
-                                  pp=1, dp_shard=choice.dp // choice.replicas, activation_checkpointing="selective",
-                                  offload=choice.optimizer_cpu_offload, shapes_cache=shapes_cache)
-        if estimate.peak_with_slack <= gpu_memory_bytes:
-            recompute = 1 + (RECOMPUTE_COST["selective"] - 1) * blocks / n_layers
-            cost = round(choice.cost / RECOMPUTE_COST["selective"] * recompute, 4)
-            return dataclasses.replace(choice, estimate=estimate, cost=cost, activation_checkpointing_blocks=blocks)
-    return choice
+    return best
 
 
 def fixed_settings(config: Any) -> dict[str, Any]:
