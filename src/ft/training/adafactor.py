@@ -57,18 +57,20 @@ def factored_update(grad: Tensor, row_var: Tensor, col_var: Tensor, row_var_mean
 def factored_update_sq(grad: Tensor, row_var: Tensor, col_var: Tensor, row_var_mean: Tensor, eps1_sq: float,
                        work: torch.dtype) -> Tensor:
     """The squared norm (float32) of a block's update: pass 2."""
-    return factored_update(grad, row_var, col_var, row_var_mean, eps1_sq, work).float().square().sum()
+    update = factored_update(grad, row_var, col_var, row_var_mean, eps1_sq, work)
+    return torch.linalg.vector_norm(update, dtype=torch.float32).square()
 
 
 def factored_statistics(param: Tensor, grad: Tensor, row_var: Tensor, col_var: Tensor,
                         one_minus_beta2: float | Tensor, eps1: float) -> tuple[Tensor, Tensor]:
     """Pass 1 for a matrix: the parameter's squared norm (float32), the row and column
     statistics of the gradient's second moment moved towards this step's (in place), and
-    the rows' mean (the estimate's normaliser). Reductions accumulate in float32."""
-    param_sq = param.float().square().sum()
+    the rows' mean (the estimate's normaliser). The norms read the tensors in place,
+    accumulating in float32 (eagerly, `.float()` would copy a whole shard first)."""
+    param_sq = torch.linalg.vector_norm(param, dtype=torch.float32).square()
     for var, dim in ((row_var, -1), (col_var, -2)):
-        # out of place: on a sharded gradient the column mean is a partial sum
-        mean = grad.float().square().sum(dim=dim, keepdim=True) / grad.size(dim)
+        # out of place: on a sharded gradient the column norm is a partial sum
+        mean = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=torch.float32).square() / grad.size(dim)
         var.lerp_(mean.to(var.dtype), one_minus_beta2)
     return param_sq, row_var.mean(dim=-2, keepdim=True).clamp(min=eps1)
 
@@ -168,10 +170,10 @@ class Adafactor(torch.optim.Adafactor):
                                                          one_minus_beta2, eps1)
             update = factored_update(grad, state["row_var"], state["col_var"], row_var_mean, eps1 * eps1, work)
         else:
-            param_sq = param.float().square().sum()
+            param_sq = torch.linalg.vector_norm(param, dtype=torch.float32).square()
             variance = state["variance"].lerp_(grad.to(work).square(), one_minus_beta2)
             update = grad.to(work) * variance.clamp(min=eps1 * eps1).rsqrt()
-        update_sq = update.float().square().sum()
+        update_sq = torch.linalg.vector_norm(update, dtype=torch.float32).square()
         scale = update_scale(param_sq, update_sq, param.numel(), rho, eps2, group["d"], work)
         new = param.to(work) * decay + update * scale
         if rounds:
