@@ -62,11 +62,14 @@ BAD = [
 @pytest.mark.parametrize("overrides, message", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_impossible_combination_is_one_line(tmp_path, user_assets, capsys, overrides, message):
     assert run_finetune(tmp_path / "run", *overrides) == 2
-    err = capsys.readouterr().err
+    assert_one_error_line(capsys.readouterr().err, message)
+    assert not (tmp_path / "run").exists()
+
+
+def assert_one_error_line(err: str, message: str) -> None:
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert line.startswith(f"error: {message}"), line
-    assert not (tmp_path / "run").exists()
 
 
 # Refused once the model (its block count) and the layout are known.
@@ -82,10 +85,7 @@ BAD_LAYOUT = [
 @pytest.mark.parametrize("overrides, message", BAD_LAYOUT, ids=[" ".join(o) for o, _ in BAD_LAYOUT])
 def test_impossible_layout_is_one_line(tmp_path, user_assets, capsys, overrides, message):
     assert run_finetune(tmp_path / "run", *overrides) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert line.startswith(f"error: {message}"), line
+    assert_one_error_line(capsys.readouterr().err, message)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
