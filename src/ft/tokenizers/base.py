@@ -10,8 +10,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Literal, Sequence
 
-
-Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+from ft.tokenizers.chat_common import Message
 
 
 class Tokenizer(ABC):

@@ -31,14 +31,13 @@ to stop; headers, system and user tokens are False.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from ft.errors import DataError
+from ft.tokenizers.chat_common import ChatTokenizer, Message, common_prefix_length
 from ft.tokenizers.mistral_chat import B_INST, E_INST, MISTRAL_JINJA, encode_mistral  # Llama 2 shares [INST]
 from ft.tokenizers.qwen_chat import QWEN2_5_JINJA, QWEN3_JINJA, encode_chatml
 
-if TYPE_CHECKING:
-    from ft.tokenizers.base import Message, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -84,7 +83,7 @@ def jinja_chat_template(chat_format: str) -> str:
 
 
 def encode_chat(
-    tokenizer: Tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = False
+    tokenizer: ChatTokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = False
 ) -> tuple[list[int], list[bool]]:
     """`messages` rendered with `tokenizer.chat_format`: (ids, target mask)."""
     _check_messages(messages)
@@ -116,7 +115,7 @@ def _check_messages(messages: Sequence[Message]) -> None:
             )
 
 
-def _special_id(tokenizer: Tokenizer, token: str) -> int:
+def _special_id(tokenizer: ChatTokenizer, token: str) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
         raise DataError(
@@ -126,7 +125,7 @@ def _special_id(tokenizer: Tokenizer, token: str) -> int:
 
 
 def _encode_llama3(
-    tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool
+    tokenizer: ChatTokenizer, messages: Sequence[Message], add_generation_prompt: bool
 ) -> tuple[list[int], list[bool]]:
     start_header = _special_id(tokenizer, "<|start_header_id|>")
     end_header = _special_id(tokenizer, "<|end_header_id|>")
@@ -154,7 +153,7 @@ def _encode_llama3(
 
 
 def _encode_llama2(
-    tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool
+    tokenizer: ChatTokenizer, messages: Sequence[Message], add_generation_prompt: bool
 ) -> tuple[list[int], list[bool]]:
     dialog = list(messages)
     if dialog[0]["role"] == "system":
@@ -188,16 +187,7 @@ def _encode_llama2(
         # prefix of it (SentencePiece never merges across the space before the answer);
         # should a tokenizer merge across it, the shared token goes to the target.
         turn_ids = tokenizer.encode(f"{prompt} {dialog[index + 1]['content'].strip()} ")
-        prompt_length = _common_prefix_length(tokenizer.encode(prompt), turn_ids)
+        prompt_length = common_prefix_length(tokenizer.encode(prompt), turn_ids)
         ids += bos + turn_ids + [tokenizer.eos_id]
         mask += [False] * (len(bos) + prompt_length) + [True] * (len(turn_ids) - prompt_length + 1)
     return ids, mask
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length

@@ -5,12 +5,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from ft.errors import AssetError, DataError
+from ft.tokenizers.chat_common import ChatTokenizer, Message
 
-if TYPE_CHECKING:
-    from ft.tokenizers.base import Message, Tokenizer
 
 B_INST, E_INST = "[INST]", "[/INST]"
 
@@ -38,7 +37,7 @@ MISTRAL_JINJA = (
 
 
 def encode_mistral(
-    tokenizer: Tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = False
+    tokenizer: ChatTokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = False
 ) -> tuple[list[int], list[bool]]:
     """A dialog in Mistral's [INST] format: (ids, mask True on each assistant answer and its </s>).
     The rendering always ends a user turn with `[/INST]`, the generation prompt itself."""
@@ -85,7 +84,7 @@ def encode_mistral(
     return ids, mask
 
 
-def _check_no_control_text(tokenizer: Tokenizer, text: str, where: int | str) -> None:
+def _check_no_control_text(tokenizer: ChatTokenizer, text: str, where: int | str) -> None:
     if tokenizer.encode(text, allow_special=True) != tokenizer.encode(text):
         raise DataError(f"chat message {where} holds the text of a control token (such as {B_INST} or "
                         f"{tokenizer.id_to_token(tokenizer.eos_id)}); Mistral's chat format cannot carry it as text")

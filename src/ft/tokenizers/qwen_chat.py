@@ -6,12 +6,11 @@ blocks (`qwen3`) and Qwen2.5's (`qwen2_5`, with its default system prompt); see
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from ft.errors import AssetError
+from ft.tokenizers.chat_common import ChatTokenizer, Message, common_prefix_length
 
-if TYPE_CHECKING:
-    from ft.tokenizers.base import Message, Tokenizer
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK, END_THINK = "<think>", "</think>"
@@ -72,7 +71,7 @@ def split_reasoning(message: Message) -> tuple[str, str]:
 
 
 def encode_chatml(
-    tokenizer: Tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = False
+    tokenizer: ChatTokenizer, messages: Sequence[Message], *, add_generation_prompt: bool = False
 ) -> tuple[list[int], list[bool]]:
     """A ChatML (or Qwen3) dialog: (ids, mask True on assistant content and its <|im_end|>).
 
@@ -104,7 +103,7 @@ def encode_chatml(
                     trained_from = header + think
         turn = tokenizer.encode(header + think + content)
         if message["role"] == "assistant":
-            start = _common_prefix_length(tokenizer.encode(trained_from or header), turn)
+            start = common_prefix_length(tokenizer.encode(trained_from or header), turn)
             ids += [im_start, *turn, im_end, *newline]
             mask += [False] * (1 + start) + [True] * (len(turn) - start + 1) + [False] * len(newline)
         else:
@@ -115,15 +114,6 @@ def encode_chatml(
         ids += prompt
         mask += [False] * len(prompt)
     return ids, mask
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
 
 
 __all__ = ["QWEN2_5_DEFAULT_SYSTEM", "QWEN2_5_JINJA", "QWEN3_JINJA", "encode_chatml", "split_reasoning"]
