@@ -29,7 +29,7 @@ from ft.models.parallelize import check_parallel_layout
 from ft.models.pipeline import check_pipeline_layout
 from ft.parallel_plan import apply_parallel_plan, choose_plan, fixed_settings
 from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig, check_pipeline_settings
-from ft.recipes.sft_plan import _model_source, memory_plan
+from ft.recipes.memory_plan import memory_plan, planning_model_source
 from ft.training.memory_model import GIB, MemoryPlan
 
 
@@ -73,7 +73,7 @@ def _auto_config(**settings) -> InstructionFinetuneConfig:
 
 def _unchecked_plan(config: InstructionFinetuneConfig, *, gpus: int, gib: float):
     """The layout the memory and speed model alone would take, without the recipe's checks."""
-    model_config = _model_source(config).config
+    model_config = planning_model_source(config).config
     return choose_plan(memory_plan(config, model_config, dp_size=1, tp_size=1), world_size=gpus,
                        gpu_memory_bytes=gib * GIB, micro_batches=config.gradient_accumulation,
                        fixed=fixed_settings(config))
@@ -115,7 +115,7 @@ def test_auto_plans_only_layouts_the_recipe_accepts(model, gpus, gib, settings):
         {key: value for key, value in settings.items() if key != "sequence_parallel"}
     assert planned.sequence_parallel == (config.sequence_parallel and choice.tp > 1)
     planned.check()
-    model_config = _model_source(planned).config
+    model_config = planning_model_source(planned).config
     check_parallel_layout(model_config, tensor_parallel_size=planned.tensor_parallel_size,
                           data_parallelism=planned.data_parallelism,
                           activation_checkpointing=planned.activation_checkpointing)

@@ -190,9 +190,9 @@ def apply_parallel_plan(config: Any, *, world_size: int, gpu_memory_bytes: float
         return config, None
     if gpu_memory_bytes is None:
         raise ConfigError("parallel_plan=auto needs the GPU's memory: run on a GPU or set max_memory_gib")
-    from ft.recipes.sft_plan import _model_source, memory_plan
+    from ft.recipes.memory_plan import memory_plan, planning_model_source
 
-    source = _model_source(config)
+    source = planning_model_source(config)
     base = memory_plan(config, source.config, dp_size=1, tp_size=1)
     # sequence_parallel=true is the user's: checked as set, so no stages are planned with it.
     choice = choose_plan(base, world_size=world_size, gpu_memory_bytes=gpu_memory_bytes,

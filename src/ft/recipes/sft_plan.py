@@ -16,25 +16,8 @@ from typing import Any
 
 import torch
 
-from ft.training.memory_model import GIB, MemoryPlan, cheapest_fix, parameter_shapes, predict_memory
-
-
-def memory_plan(config: Any, model_config: Any, *, dp_size: int, tp_size: int) -> MemoryPlan:
-    """The memory model's view of an instruction-tuning config."""
-    lora = config.lora if config.lora.enabled else None
-    dtype = config.dtype if config.dtype != "auto" else "bfloat16"  # auto: bfloat16 on a GPU
-    return MemoryPlan(
-        model_config=model_config, dtype=dtype, mixed_precision=config.mixed_precision, optimizer=config.optimizer,
-        optimizer_in_backward=config.optimizer_in_backward, optimizer_cpu_offload=config.optimizer_cpu_offload,
-        stochastic_rounding=config.bf16_stochastic_rounding, activation_checkpointing=config.activation_checkpointing,
-        activation_checkpointing_blocks=config.activation_checkpointing_blocks,
-        activation_offloading=config.activation_offloading, max_num_tokens=config.max_num_tokens,
-        loss_chunk_size=config.loss_chunk_size, dp_size=dp_size, tp_size=tp_size,
-        data_parallelism=config.data_parallelism, fsdp_reshard_after_forward=config.fsdp_reshard_after_forward,
-        lora_rank=lora.rank if lora is not None else None,
-        lora_nf4=lora is not None and lora.base_quantization == "nf4",
-        lora_embeddings_on_host=lora is not None and lora.embeddings_on_host,
-    )
+from ft.recipes.memory_plan import memory_plan, planning_model_source
+from ft.training.memory_model import GIB, cheapest_fix, parameter_shapes, predict_memory
 
 
 def predicted_peak_gib(config: Any, model_config: Any, *, dp_size: int, tp_size: int) -> float:
@@ -59,25 +42,6 @@ def _gpu_memory_bytes() -> float | None:
     return float(torch.cuda.get_device_properties(0).total_memory)
 
 
-def _model_source(config: Any):
-    """The model's source; a card whose checkpoint is not on this machine still gives its arch."""
-    from ft.assets import load_card
-    from ft.errors import AssetError
-    from ft.models import ModelSource
-    from ft.models.build import model_config_from_card
-    from ft.recipes.lm_setup import resolve_model_source
-
-    try:
-        return resolve_model_source(config.model, checkpoint_dir=config.resume_checkpoint_dir)
-    except AssetError:
-        card = load_card(config.model)
-        model_config = model_config_from_card(card)
-        if model_config is None:
-            raise
-        return ModelSource(f"card {card.name!r} (arch only: its checkpoint is not on this machine)", model_config,
-                           None, card_name=card.name)
-
-
 def dry_run_instruction_finetune(config: Any) -> int:
     from ft.data import read_examples
     from ft.gang import detect_launch
@@ -91,7 +55,7 @@ def dry_run_instruction_finetune(config: Any) -> int:
     world = launch.world_size
     tp = config.tensor_parallel_size
     dp = max(1, world // (tp * config.pipeline_parallel_size))
-    source = _model_source(config)
+    source = planning_model_source(config)
     from ft.models.parallelize import check_checkpointed_blocks
 
     check_checkpointed_blocks(config.activation_checkpointing_blocks, activation_checkpointing=config.activation_checkpointing,
