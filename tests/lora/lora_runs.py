@@ -30,3 +30,21 @@ def assert_trainer_state_holds_only_adapters(step_dir) -> None:
     saved = FileSystemReader(str(step_dir / "trainer")).read_metadata().state_dict_metadata
     model_keys = [k for k in saved if k.startswith("model.")]
     assert model_keys and all(".lora_" in k for k in model_keys), model_keys
+
+
+def assert_peft_adapter_matches_merged_export(step_dir, base_dir) -> None:
+    """peft's base + adapter (from `step_dir`) and transformers' load of `step_dir/merged`
+    give the same logits, which differ from the base's (the adapters learned something)."""
+    import torch
+
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(tokens).logits
+        adapted = peft.PeftModel.from_pretrained(base, step_dir).eval()(tokens).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(step_dir / "merged", torch_dtype=torch.float32)
+        merged_logits = merged.eval()(tokens).logits
+    assert not torch.allclose(adapted, base_logits, atol=1e-3)
+    torch.testing.assert_close(adapted, merged_logits, rtol=1e-4, atol=1e-4)

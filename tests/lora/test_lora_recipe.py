@@ -15,7 +15,7 @@ from ft.lora import LoraConfig, apply_lora, init_lora_weights
 from ft.models import build_model
 from ft.training.optim import build_optimizer
 from ft.training.stop_signal import StopSignal
-from tests.lora.lora_runs import assert_trainer_state_holds_only_adapters
+from tests.lora.lora_runs import assert_peft_adapter_matches_merged_export, assert_trainer_state_holds_only_adapters
 from tests.recipes.conftest import read_metrics, run_finetune, user_assets  # noqa: F401  (a fixture)
 
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "dtype=float32", "save_model_dtype=float32",
@@ -80,8 +80,7 @@ def test_lora_run_saves_only_adapters_and_resumes_exactly(tmp_path, user_assets,
 
 
 def test_peft_and_transformers_load_the_checkpoint_exports(tmp_path, user_assets):
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
     from ft.assets import load_card
 
     out = tmp_path / "run"
@@ -89,15 +88,7 @@ def test_peft_and_transformers_load_the_checkpoint_exports(tmp_path, user_assets
     step_dir = out / "checkpoints" / "step_3"
     assert json.loads((step_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "ft_tiny"
     base_dir = load_card("ft_tiny").path("checkpoint")
-    tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
-    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
-    with torch.no_grad():
-        base_logits = base(tokens).logits
-        adapted = peft.PeftModel.from_pretrained(base, step_dir).eval()(tokens).logits
-        merged = transformers.AutoModelForCausalLM.from_pretrained(step_dir / "merged", torch_dtype=torch.float32)
-        merged_logits = merged.eval()(tokens).logits
-    assert not torch.allclose(adapted, base_logits, atol=1e-3)  # the adapters learned something
-    torch.testing.assert_close(adapted, merged_logits, rtol=1e-4, atol=1e-4)
+    assert_peft_adapter_matches_merged_export(step_dir, base_dir)
 
 
 def test_lora_and_full_runs_do_not_resume_each_other(tmp_path, user_assets):
