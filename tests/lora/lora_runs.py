@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.recipes.conftest import run_finetune
+from tests.recipes.conftest import read_metrics, run_finetune
+from tests.recipes.test_instruction_finetune import stop_after
 
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "dtype=float32", "save_model_dtype=float32",
         "learning_rate=1e-2"]
@@ -48,3 +49,21 @@ def assert_peft_adapter_matches_merged_export(step_dir, base_dir) -> None:
         merged_logits = merged.eval()(tokens).logits
     assert not torch.allclose(adapted, base_logits, atol=1e-3)
     torch.testing.assert_close(adapted, merged_logits, rtol=1e-4, atol=1e-4)
+
+
+def assert_stopped_run_resumes_exactly(full, resumed, settings, monkeypatch) -> dict:
+    """`resumed`, stopped during step 3 (as on SIGTERM) and run again with `settings`, logs
+    `full`'s losses and ends with its step-6 adapters bitwise; returns `full`'s adapters."""
+    import torch
+    from safetensors.torch import load_file
+
+    with monkeypatch.context() as patch:
+        stop_after(patch, 3)
+        run_finetune(resumed, *settings)
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_3"]
+    assert run_finetune(resumed, *settings) == 0
+    assert [m["loss"] for m in read_metrics(full)] == [m["loss"] for m in read_metrics(resumed)]
+    a = load_file(full / "checkpoints" / "step_6" / "adapter_model.safetensors")
+    b = load_file(resumed / "checkpoints" / "step_6" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a

@@ -23,7 +23,7 @@ from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig
 from ft.training.memory_model import MemoryPlan, predict_memory
 from ft.training.optim import build_optimizer
 from tests.lora.lora_runs import LORA, assert_trainer_state_holds_only_adapters
-from tests.lora.test_lora_recipe import stop_after
+from tests.recipes.test_instruction_finetune import stop_after
 from tests.recipes.conftest import read_metrics, run_finetune, user_assets  # noqa: F401  (a fixture)
 
 ON = "lora.embeddings_on_host=true"

@@ -9,28 +9,19 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ft.lora import LoraConfig, apply_lora, init_lora_weights
 from ft.models import build_model
 from ft.training.optim import build_optimizer
-from ft.training.stop_signal import StopSignal
-from tests.lora.lora_runs import assert_peft_adapter_matches_merged_export, assert_trainer_state_holds_only_adapters
+from tests.lora.lora_runs import (
+    assert_peft_adapter_matches_merged_export,
+    assert_stopped_run_resumes_exactly,
+    assert_trainer_state_holds_only_adapters,
+)
 from tests.recipes.conftest import read_metrics, run_finetune, user_assets  # noqa: F401  (a fixture)
 
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "dtype=float32", "save_model_dtype=float32",
         "learning_rate=1e-2"]
-
-
-def stop_after(monkeypatch, n_steps: int) -> None:
-    """Act as if SIGTERM arrived during step `n_steps`."""
-    calls = {"n": 0}
-
-    def requested(self, gangs):
-        calls["n"] += 1
-        return self.flag or calls["n"] == n_steps
-
-    monkeypatch.setattr(StopSignal, "requested", requested)
 
 
 def test_frozen_base_is_unchanged_and_has_no_optimizer_state():
@@ -59,19 +50,10 @@ def test_lora_run_saves_only_adapters_and_resumes_exactly(tmp_path, user_assets,
     losses = [m["loss"] for m in read_metrics(full)]
     assert losses[-1] < losses[0]
 
-    resumed = tmp_path / "resumed"
-    with monkeypatch.context() as patch:
-        stop_after(patch, 3)
-        run_finetune(resumed, *settings)
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_3"]
-    assert run_finetune(resumed, *settings) == 0
-    assert losses == [m["loss"] for m in read_metrics(resumed)]
+    a = assert_stopped_run_resumes_exactly(full, tmp_path / "resumed", settings, monkeypatch)
 
     step_dir = full / "checkpoints" / "step_6"
     assert sorted(p.name for p in step_dir.glob("*.safetensors")) == ["adapter_model.safetensors"]
-    a, b = load_file(step_dir / "adapter_model.safetensors"), load_file(
-        resumed / "checkpoints" / "step_6" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(k.startswith("base_model.model.model.layers.") and (".lora_A." in k or ".lora_B." in k) for k in a)
     # The trainer state is the adapters and their optimizer state, not the base.
     trainer_bytes = sum(f.stat().st_size for f in (step_dir / "trainer").glob("*.distcp"))

@@ -15,8 +15,12 @@ from safetensors.torch import load_file
 from ft.errors import ConfigError
 from ft.lora import LoraConfig
 from ft.lora.training import check_lora_run
-from tests.lora.lora_runs import LORA, assert_peft_adapter_matches_merged_export, assert_trainer_state_holds_only_adapters
-from tests.lora.test_lora_recipe import stop_after
+from tests.lora.lora_runs import (
+    LORA,
+    assert_peft_adapter_matches_merged_export,
+    assert_stopped_run_resumes_exactly,
+    assert_trainer_state_holds_only_adapters,
+)
 from tests.recipes.conftest import read_metrics, run_finetune, user_assets  # noqa: F401  (a fixture)
 
 pytest.importorskip("torchao")
@@ -36,16 +40,7 @@ def test_qlora_loss_falls_the_base_stays_out_of_the_trainer_state_and_a_run_resu
     assert run_finetune(lora, *LORA, "max_num_steps=1") == 0
     assert abs(read_metrics(lora)[0]["loss"] - losses[0]) > 1e-4
 
-    resumed = tmp_path / "resumed"
-    with monkeypatch.context() as patch:
-        stop_after(patch, 3)
-        run_finetune(resumed, *settings)
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_3"]
-    assert run_finetune(resumed, *settings) == 0
-    assert losses == [m["loss"] for m in read_metrics(resumed)]
-    a = load_file(full / "checkpoints" / "step_6" / "adapter_model.safetensors")
-    b = load_file(resumed / "checkpoints" / "step_6" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_stopped_run_resumes_exactly(full, tmp_path / "resumed", settings, monkeypatch)
 
     assert_trainer_state_holds_only_adapters(full / "checkpoints" / "step_6")
 
