@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         "predicted_peak_memory_gib": next((r["predicted_peak_memory_gib"] for r in rows
                                            if "predicted_peak_memory_gib" in r), None),
         "measured_peak_memory_gib": max((r["peak_memory_gib"] for r in rows if "peak_memory_gib" in r), default=None),
+        "peak_reserved_memory_gib": max((r["peak_reserved_memory_gib"] for r in rows
+                                         if "peak_reserved_memory_gib" in r), default=None),
+        "alloc_retries": max((r["alloc_retries"] for r in rows if "alloc_retries" in r), default=None),
+        "step_windows": [{k: r.get(k) for k in ("step", "tokens_per_s", "elapsed_s", "alloc_retries")}
+                         for r in windows],
         "plan_lines": [line for line in (run.stdout + run.stderr).splitlines() if "parallel plan:" in line],
         "memory_cap_gb": args.memory_cap_gb,
         "wall_s": wall,

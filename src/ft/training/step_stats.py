@@ -88,5 +88,9 @@ def publish_stats(stats: StepStats, gangs: Gangs, *, lr: float, peak_tflops: flo
         values["warmup_s"] = elapsed if all_warmup else steady[0] - stats.start
     if gangs.device.type == "cuda":
         values["peak_memory_gib"] = torch.cuda.max_memory_allocated(gangs.device) / 2**30
+        values["peak_reserved_memory_gib"] = torch.cuda.max_memory_reserved(gangs.device) / 2**30
+        # Times the allocator found no free block, emptied its cache and retried (since the
+        # start): each one synchronizes, so a run near its memory limit shows here first.
+        values["alloc_retries"] = torch.cuda.memory_stats(gangs.device).get("num_alloc_retries", 0)
         torch.cuda.reset_peak_memory_stats(gangs.device)
     return values
