@@ -81,6 +81,12 @@ VARIANTS = [
                                                 "activation_checkpointing": "selective"}),
     Variant("bf16_adamw4bit_selective", False, {**PURE_BF16, "optimizer": "adamw4bit",
                                                 "activation_checkpointing": "selective"}),
+    # Where the 24 GB line's time goes, uncapped: full recompute alone, then Adafactor with rounding
+    # stepped after backward, then the same stepped in backward (cap_adafactor_inbwd_full_sr's keys).
+    Variant("bf16_adamw_full", False, {**PURE_BF16, "activation_checkpointing": "full", "loss_chunk_size": 256}),
+    Variant("bf16_adafactor_full_sr", False, {**PURE_BF16, "optimizer": "adafactor", "bf16_stochastic_rounding": True,
+                                              "max_grad_norm": None, "activation_checkpointing": "full",
+                                              "loss_chunk_size": 256}),
     Variant("bf16_adamw_actoffload", False, {**PURE_BF16, "activation_offloading": True}),
     Variant("mixed_adamw_cpuoffload_selective", False, {"optimizer_cpu_offload": True,
                                                         "activation_checkpointing": "selective"}),
@@ -180,6 +186,8 @@ def run_variant(variant: Variant, config: Any, shapes: dict, gangs: Any, args: a
         result["prediction_error_pct"] = 100 * (result["predicted_peak_gib"] - measured) / measured
     if args.profile_memory:
         result["memory_profile"] = memory_profile.profile_peak(step, device)
+    if args.profile_dir is not None:  # where the step's time goes: the top ops by device time
+        common.profile_steps(step, device=device, path=args.profile_dir / f"{variant.name.replace('/', '_')}.txt")
     del model, step
     return result
 
