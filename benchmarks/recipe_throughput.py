@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-cap-gb", type=float, default=None,
                         help="run the CLI under torch.cuda.set_per_process_memory_fraction of this many GB "
                              "(decimal; 24 = an RTX 4090), as memory_savers.py's capped variants")
+    parser.add_argument("--profile-from", type=int, default=None, help="profile training steps from this one (>= 2)")
+    parser.add_argument("--profile-steps", type=int, default=2, help="steps profiled")
+    parser.add_argument("--profile-dir", type=Path, default=Path("recipe_profile"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.memory_cap_gb is not None:
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             f"publish_metrics_every_n_steps={args.publish_every}", f"checkpoint_every_n_steps={args.checkpoint_at}",
             f"device={args.device}", *(["dtype=float32"] if args.tiny else []), *args.extra,
         ]
-        command = [*_python_for_cli(args.memory_cap_gb), "lm", "instruction_finetune", str(tmp / "out"),
+        command = [*_python_for_cli(args), "lm", "instruction_finetune", str(tmp / "out"),
                    "--no-sweep-dir", "--preset", args.preset, "--config", *overrides]
         env = dict(os.environ, FT_USER_ASSET_DIR=str(cards), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
         started = time.perf_counter()
@@ -119,19 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The CLI's own entry point in a process whose CUDA allocator is capped first.
-_CAPPED_CLI = ("import sys, torch; torch.cuda.set_per_process_memory_fraction({fraction!r}); "
-               "from ft.cli import main; sys.argv[0] = 'ft'; raise SystemExit(main(sys.argv[1:]))")
-
-
-def _python_for_cli(memory_cap_gb: float | None) -> list[str]:
-    """`python -m ft`, or the same CLI under a memory cap."""
-    if memory_cap_gb is None:
+def _python_for_cli(args: argparse.Namespace) -> list[str]:
+    """`python -m ft`, or the same CLI capped and/or profiled (`cli_under_test.py`)."""
+    if args.memory_cap_gb is None and args.profile_from is None:
         return [sys.executable, "-m", "ft"]
-    import torch
-
-    fraction = memory_cap_gb * 1e9 / torch.cuda.get_device_properties(0).total_memory
-    return [sys.executable, "-c", _CAPPED_CLI.format(fraction=fraction)]
+    wrapper = [sys.executable, str(ROOT / "benchmarks" / "cli_under_test.py")]
+    if args.memory_cap_gb is not None:
+        wrapper += ["--memory-cap-gb", str(args.memory_cap_gb)]
+    if args.profile_from is not None:
+        wrapper += ["--profile-from", str(args.profile_from), "--profile-steps", str(args.profile_steps),
+                    "--profile-dir", str(args.profile_dir)]
+    return [*wrapper, "--"]
 
 
 if __name__ == "__main__":
