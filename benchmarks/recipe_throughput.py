@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         run = subprocess.run(command, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
+        if args.out is not None:  # the run's log (compile choices, TORCH_LOGS output) beside the result
+            args.out.with_suffix(".stderr.txt").write_text(run.stderr)
         if run.returncode != 0:
             print(run.stderr[-4000:], file=sys.stderr)
             return run.returncode
