@@ -246,3 +246,37 @@ def test_flex_attention_path_equals_sdpa_mask(monkeypatch):
         except Exception as error:  # no C++ toolchain for inductor on this machine
             pytest.skip(f"compiled flex_attention unavailable on CPU: {error}")
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_flex_attention_in_a_compiled_block_is_traced_without_side_effects(monkeypatch):
+    """Inside a compiled (checkpointed) block the attention must be traced into the block's
+    graph: creating the compiled kernel there mutated module state during the trace, which
+    dynamo answers with a recompile or, inside a checkpoint, by running the block eagerly."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import torch._dynamo.utils as dynamo_utils
+    from torch.utils.checkpoint import checkpoint
+
+    from ft.models.llama import model as model_module
+
+    monkeypatch.setattr(model_module, "_compiled_flex_attention", None)
+    q_BNTH, k_BKTH, v_BKTH = (torch.randn(1, n, 128, 16, generator=torch.Generator().manual_seed(n)) for n in (4, 2, 3))
+    doc_ids_BT = torch.cat([torch.zeros(1, 50, dtype=torch.long), torch.ones(1, 78, dtype=torch.long)], dim=1)
+    mask = document_causal_mask(doc_ids_BT, use_flex=True)
+
+    def block(q, k, v):
+        return checkpoint(lambda q, k, v: model_module._flex_attention(q * 2, k, v, mask), q, k, v,
+                          use_reentrant=False).sum()
+
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    compiled = torch.compile(block)
+    try:
+        first = compiled(q_BNTH, k_BKTH, v_BKTH)
+        second = compiled(q_BNTH, k_BKTH, v_BKTH)
+    except Exception as error:  # no C++ toolchain for inductor on this machine
+        pytest.skip(f"compiled flex_attention unavailable on CPU: {error}")
+    assert model_module._compiled_flex_attention is None  # the trace set no module state
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1  # one graph: no break, no recompile
+    assert not dynamo_utils.counters["graph_break"]
+    torch.testing.assert_close(first, second)

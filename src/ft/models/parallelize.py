@@ -221,9 +221,6 @@ def parallelize_model(
             layer.forward = _checkpointed(layer.forward, checkpoint, options)
 
     if compile:
-        # Checkpointed blocks each wrap their own bound forward, so dynamo may keep an entry
-        # per block for the one code object; past its default of 8 the rest would run eager.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64, 2 * len(layers))
         for layer in layers:
             layer.compile()
 

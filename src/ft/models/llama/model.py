@@ -249,10 +249,15 @@ _compiled_flex_attention = None
 
 
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():
+        # In a compiled block: traced into the block's graph. Creating the compiled function
+        # here would be a side effect in the trace; inside a checkpointed block that made
+        # dynamo run the whole block eagerly (every matmul, forward and recompute).
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
     global _compiled_flex_attention
     if _compiled_flex_attention is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
         # Uncompiled flex_attention is a slow reference path; compiled it is a fused kernel.
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
