@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: cuda_graph and compile on CUDA, eager elsewhere")
     parser.add_argument("--hf-caches", nargs="*", default=["dynamic", "static"], choices=["dynamic", "static"],
                         help="transformers cache implementations to compare against (none: skip transformers)")
-    parser.add_argument("--hbm-tb-s", type=float, default=4.8, help="memory bandwidth for hbm_fraction (H200: 4.8)")
+    parser.add_argument("--hbm-tb-s", type=float, default=None,
+                        help="memory bandwidth for hbm_fraction (default: the GPU's datasheet figure, H200 4.8, H100 3.35)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     train = parser.add_argument_group("trained weights (greedy agreement)")
@@ -104,6 +105,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--agree-modes", nargs="+", default=None, choices=list(FT_MODES),
                        help="ft modes checked for agreement (default: every --ft-modes; each compiles for the new batch)")
     return parser.parse_args(argv)
+
+
+# Datasheet HBM bandwidths (TB/s) by device name, for hbm_fraction when --hbm-tb-s is not given.
+DATASHEET_HBM_TB_S = {"H200": 4.8, "H100": 3.35}
+
+
+def datasheet_hbm_tb_s(device: torch.device) -> float:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((tb_s for key, tb_s in DATASHEET_HBM_TB_S.items() if key in name), 4.8)
 
 
 def _sync(device: torch.device) -> None:
@@ -362,6 +372,8 @@ def agreement_check(model, hf, tokenizer, test_path: Path, modes: list[str], arg
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.hbm_tb_s is None:
+        args.hbm_tb_s = datasheet_hbm_tb_s(device)
     arch = args.arch or ("llama_debug" if args.tiny else "llama3_2_1b")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     modes = args.ft_modes or (["cuda_graph", "compile"] if device.type == "cuda" else ["eager"])
