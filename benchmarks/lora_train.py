@@ -13,7 +13,10 @@ checkpointing sends each block's input to pinned host memory until its recompute
 `bf16` (ft: pure bf16, `mixed_precision=false`: adapters and their AdamW states
 in bf16 as torchtune's published figures, instead of float32 under autocast) and
 `hostemb` (ft: `lora.embeddings_on_host`, the frozen input embedding table in pinned
-host memory, only the looked-up rows sent to the GPU).
+host memory, only the looked-up rows sent to the GPU), `fp8` / `fp8rowwise` (ft: the
+recipe's `fp8=tensorwise|rowwise` with LoRA: the frozen base linears cast to float8 once,
+forward and input-gradient matmuls in float8, `ft.lora.float8_base`; its MFU is a
+fraction of the bf16 peak, as for full fine-tuning in float8).
 
 ft runs the recipe's step (`common.FtTrainer`: accumulate_gradients + clip + fused
 AdamW over the adapters only) on a model built as the recipe builds it
@@ -62,14 +65,16 @@ TORCHTUNE_PEAK_GIB = {"lora": 16.2, "qlora": 7.4}  # torchtune, Llama-3.1-8B, 2 
 
 WORKLOADS: dict[str, dict[str, Any]] = {
     "throughput": {"arch": "llama3_1_8b", "seq_len": 4096, "batch_size": 2, "packed": False,
-                   "variants": ["ft_lora_compile", "ft_lora_compile_ac", "hf_peft_lora", "hf_peft_lora_compile_ac"]},
+                   "variants": ["ft_lora_compile", "ft_lora_compile_ac", "ft_lora_compile_fp8",
+                                "ft_lora_compile_fp8rowwise", "hf_peft_lora", "hf_peft_lora_compile_ac"]},
     "memory": {"arch": "llama3_1_8b", "seq_len": 2048, "batch_size": 2, "packed": True,
                "variants": ["ft_lora_ac", "ft_qlora_ac", "ft_lora_ac_offload", "ft_qlora_ac_offload",
                             "ft_lora_bf16_ac_offload", "ft_qlora_bf16_ac_offload",
                             "ft_lora_bf16_ac_offload_hostemb", "ft_qlora_bf16_ac_offload_hostemb",
                             "hf_peft_lora_ac", "hf_peft_qlora_ac"]},
 }
-VARIANT_WORDS = {"ft", "hf", "peft", "lora", "qlora", "compile", "ac", "offload", "bf16", "hostemb"}
+VARIANT_WORDS = {"ft", "hf", "peft", "lora", "qlora", "compile", "ac", "offload", "bf16", "hostemb", "fp8",
+                 "fp8rowwise"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +87,7 @@ class Variant:
     offload: bool = False  # ft: activation_offloading
     precision: str = "mixed"  # ft: "mixed" (float32 adapters under bf16 autocast) | "bf16" (pure)
     host_embeddings: bool = False  # ft: lora.embeddings_on_host
+    fp8: str = "none"  # ft: the recipe's fp8 key (a float8 frozen base)
 
 
 def parse_variant(name: str) -> Variant:
@@ -89,13 +95,14 @@ def parse_variant(name: str) -> Variant:
     if not words <= VARIANT_WORDS or not words & {"lora", "qlora"}:
         raise ValueError(f"variant {name!r}: its words must be among {sorted(VARIANT_WORDS)}, with lora or qlora")
     impl = "hf" if "hf" in words else "ft"
-    if impl == "hf" and words & {"offload", "bf16", "hostemb"}:
-        raise ValueError(f"variant {name!r}: offload, bf16 and hostemb are ft variants")
+    if impl == "hf" and words & {"offload", "bf16", "hostemb", "fp8", "fp8rowwise"}:
+        raise ValueError(f"variant {name!r}: offload, bf16, hostemb, fp8 and fp8rowwise are ft variants")
+    fp8 = "rowwise" if "fp8rowwise" in words else "tensorwise" if "fp8" in words else "none"
     # Uncompiled ft variants (the memory workload) take the smallest activation footprint.
     ac = "none" if "ac" not in words else ("selective" if impl == "ft" and "compile" in words else "full")
     return Variant(name=name, impl=impl, quantization="nf4" if "qlora" in words else "none",
                    compile="compile" in words, ac=ac, offload="offload" in words,
-                   precision="bf16" if "bf16" in words else "mixed", host_embeddings="hostemb" in words)
+                   precision="bf16" if "bf16" in words else "mixed", host_embeddings="hostemb" in words, fp8=fp8)
 
 
 def tiny_config(arch: str) -> Any:
@@ -123,7 +130,7 @@ def build_ft(config: Any, variant: Variant, lora: LoraConfig, gangs: Any, *, see
     model = create_model(config, device=gangs.device, dtype=torch.float32 if mixed else torch.bfloat16, seed=seed,
                          parallelize=with_lora(parallelize, lora, base_dtype=torch.bfloat16,
                                                adapter_dtype=torch.float32 if mixed else torch.bfloat16))
-    start_lora(model, lora, seed=seed, resuming=False, dtype=torch.bfloat16)
+    start_lora(model, lora, seed=seed, resuming=False, dtype=torch.bfloat16, fp8=variant.fp8)
     model.train()
     return model
 
@@ -133,7 +140,7 @@ def predicted_peak_gib(variant: Variant, config: Any, spec: dict[str, Any], loss
     plan = MemoryPlan(model_config=config, mixed_precision=variant.precision == "mixed",
                       activation_checkpointing=variant.ac, activation_offloading=variant.offload,
                       max_num_tokens=spec["seq_len"] * spec["batch_size"], loss_chunk_size=loss_chunk_size,
-                      lora_rank=16, lora_nf4=variant.quantization == "nf4",
+                      lora_rank=16, lora_nf4=variant.quantization == "nf4", lora_fp8=variant.fp8 != "none",
                       lora_embeddings_on_host=variant.host_embeddings)
     return round(predict_memory(plan).peak / GIB, 2)
 

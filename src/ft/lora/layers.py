@@ -21,12 +21,15 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from ft.lora import quant
+from ft.lora import float8_base, quant
 from ft.lora.quant import linear as base_linear
 
 
 class LoraLinear(nn.Linear):
     adapter_children = ("lora_A", "lora_B")  # not in a base checkpoint (see ft.models.checkpoint)
+    # Set by `float8_frozen_linears`: the base weight is float8 and `weight_scale` undoes it.
+    float8_scaling: str | None = None
+    float8_out_dtype: torch.dtype | None = None
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, rank: int, alpha: float,
                  dropout: float = 0.0, device: torch.device | str | None = None,
@@ -48,7 +51,11 @@ class LoraLinear(nn.Linear):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
-        y = base_linear(x, self.weight, self.bias)
+        if self.float8_scaling is not None:
+            y = float8_base.float8_linear(x, self.weight, self.weight_scale, self.bias,
+                                          rowwise=self.float8_scaling == "rowwise", out_dtype=self.float8_out_dtype)
+        else:
+            y = base_linear(x, self.weight, self.bias)
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     @torch.no_grad()
@@ -123,4 +130,27 @@ def quantize_frozen_linears(model: nn.Module, *, dtype: torch.dtype) -> int:
     return count
 
 
-__all__ = ["LoraColwiseParallel", "LoraLinear", "LoraRowwiseParallel", "quantize_frozen_linears"]
+@torch.no_grad()
+def float8_frozen_linears(model: nn.Module, scaling: str, *, dtype: torch.dtype) -> tuple[int, list[str]]:
+    """Cast the frozen base weight of every adapted linear to float8 once (`scaling`:
+    tensorwise or rowwise, see `ft.lora.float8_base`); they then compute in float8 and
+    return `dtype`. Call after the weights are loaded, before compile traces a forward.
+    Returns how many were cast and the names of those kept in `dtype` (a dimension not a
+    multiple of 16, which the float8 matmul needs)."""
+    count, kept = 0, []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLinear) or module.weight.requires_grad or module.float8_scaling is not None:
+            continue
+        if not float8_base.alignable(module):
+            kept.append(name)
+            continue
+        weight, scale = float8_base.quantize_weight(module.weight.detach(), rowwise=scaling == "rowwise")
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        module.register_buffer("weight_scale", scale, persistent=False)
+        module.float8_scaling, module.float8_out_dtype = scaling, dtype
+        count += 1
+    return count, kept
+
+
+__all__ = ["LoraColwiseParallel", "LoraLinear", "LoraRowwiseParallel", "float8_frozen_linears",
+           "quantize_frozen_linears"]

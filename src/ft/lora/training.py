@@ -31,8 +31,10 @@ MERGED_SUBDIR = "merged"
 
 
 def check_lora_run(config: LoraConfig, *, source: Any, dp_size: int, tp_size: int, pp_size: int = 1,
-                   data_parallelism: str = "fsdp", fsdp_replicas: int = 1) -> None:
+                   data_parallelism: str = "fsdp", fsdp_replicas: int = 1, fp8: str = "none") -> None:
     """ConfigError for a LoRA run that cannot work with this model and layout."""
+    if fp8 != "none":
+        check_float8_base_layout(config, fp8, dp_size=dp_size, tp_size=tp_size, pp_size=pp_size)
     if source.checkpoint is None:
         raise ConfigError(f"LoRA trains adapters on a base with weights, but {source.description} has no checkpoint; "
                           "use a model card or path with weights, or lora.enabled=false")
@@ -58,6 +60,19 @@ def check_lora_run(config: LoraConfig, *, source: Any, dp_size: int, tp_size: in
             raise ConfigError(f"config key 'fsdp_replicas' ({fsdp_replicas}) leaves one process per FSDP shard group, "
                               "which lora.base_quantization=nf4 does not support; use fewer replicas (at least 2 "
                               "processes per replica)")
+
+
+def check_float8_base_layout(config: LoraConfig, fp8: str, **sizes: int) -> None:
+    """ConfigError for a float8 frozen base (`fp8` with LoRA) that cannot work: on NF4, or sharded."""
+    if config.base_quantization != "none":
+        raise ConfigError(f"config key 'fp8' ({fp8}) casts LoRA's frozen base to float8, and "
+                          f"lora.base_quantization={config.base_quantization} quantizes it too; choose one: "
+                          "fp8=none for QLoRA, or lora.base_quantization=none for a float8 base")
+    over = [f"{name}={size}" for name, size in sizes.items() if size > 1]
+    if over:
+        raise ConfigError(f"config key 'fp8' ({fp8}) with lora.enabled=true runs on one process (float8 base weights "
+                          f"are not sharded or broadcast), but this run has {', '.join(over)}; run one process, or "
+                          "use fp8=none")
 
 
 def lora_fingerprint(config: LoraConfig) -> dict[str, Any]:
@@ -94,9 +109,11 @@ def adapter_to_start_from(config: LoraConfig | None, source: Any) -> dict[str, t
 
 
 def start_lora(model: nn.Module, config: LoraConfig, *, seed: int, resuming: bool, dtype: torch.dtype,
-               adapter: dict[str, torch.Tensor] | None = None, adapter_source: Path | None = None) -> None:
+               adapter: dict[str, torch.Tensor] | None = None, adapter_source: Path | None = None,
+               fp8: str = "none") -> None:
     """After the base is loaded: adapters' start values (unless resuming: fresh, or those of
-    `adapter`), then NF4 for QLoRA; logs where the input embedding is with `embeddings_on_host`."""
+    `adapter`), then NF4 for QLoRA or float8 for `fp8`; logs where the input embedding is with
+    `embeddings_on_host`."""
     if not resuming:
         init_lora_weights(model, seed)
         if adapter is not None:
@@ -109,6 +126,12 @@ def start_lora(model: nn.Module, config: LoraConfig, *, seed: int, resuming: boo
 
         count = quantize_frozen_linears(model, dtype=dtype)
         log.info("QLoRA: %d frozen linear weights in NF4", count)
+    if fp8 != "none":
+        from ft.lora.layers import float8_frozen_linears
+
+        count, kept = float8_frozen_linears(model, fp8, dtype=dtype)
+        log.info("fp8=%s: %d frozen linear weights in float8 (forward and input-gradient matmuls in float8)%s",
+                 fp8, count, f"; kept in {dtype} (a dimension not a multiple of 16): {', '.join(kept)}" if kept else "")
     if config.embeddings_on_host:
         embedding = model.model.embed_tokens
         table = embedding.weight

@@ -26,6 +26,10 @@ Which layers stay in bf16 (`fp8_module_filter`):
   (`torch._scaled_mm`) requires it, and padding would copy the tensors every call.
 
 torchao is optional: it is imported only here, and only when `fp8` is not "none".
+
+With LoRA (`lora.enabled=true`) nothing is converted here: the frozen base weights are
+cast to float8 once after loading and computed by `ft.lora.float8_base` (no weight
+gradient, no per-step weight cast), the adapters stay in their dtype.
 """
 
 from __future__ import annotations
@@ -56,19 +60,40 @@ def check_fp8_recipe(fp8: str, *, key: str = "fp8") -> None:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(FP8_RECIPES)}, got {fp8!r}")
 
 
-def check_fp8_support(fp8: str, device: torch.device | str, *, lora: bool = False) -> None:
+def check_fp8_support(fp8: str, device: torch.device | str, *, lora: bool = False,
+                      dtype: torch.dtype = torch.bfloat16) -> None:
     """ConfigError unless `fp8` can run on `device` here: a CUDA GPU of compute
-    capability >= 8.9, torchao installed, no LoRA. Cheap; call it before building."""
+    capability >= 8.9 and torchao; with `lora`, torch's float8 matmul on `device` (the
+    frozen base, `ft.lora.float8_base`) returning `dtype`. Cheap; call it before building."""
     check_fp8_recipe(fp8)
     if fp8 == "none":
         return
-    if lora:
-        raise ConfigError(f"fp8={fp8} cannot be combined with lora.enabled=true (the frozen base runs in its own "
-                          "dtype and the adapters are too small to gain from float8); use fp8=none")
     device = torch.device(device)
+    if lora:
+        _check_lora_float8(fp8, device, dtype)
+        return
     if device.type != "cuda":
         raise ConfigError(f"fp8={fp8} needs a CUDA GPU with float8 tensor cores (compute capability >= 8.9, "
                           f"e.g. H100, H200, L40S), but the device is {device.type!r}; use fp8=none")
+    _check_capability(fp8, device)
+    _torchao_float8(fp8)
+
+
+def _check_lora_float8(fp8: str, device: torch.device, dtype: torch.dtype) -> None:
+    """LoRA's frozen base in float8 (`ft.lora.float8_base`) needs torch's float8 matmul, not torchao:
+    float8 tensor cores on a GPU; a CPU runs it where torch implements it (slowly: for tests)."""
+    from ft.lora.float8_base import float8_matmul_available
+
+    if device.type == "cuda":
+        _check_capability(fp8, device)
+    problem = float8_matmul_available(device, fp8, dtype)
+    if problem is not None:
+        raise ConfigError(f"fp8={fp8} with lora.enabled=true computes the frozen base with torch's float8 matmul, "
+                          f"which this torch cannot run on {device.type!r} with {str(dtype).removeprefix('torch.')} "
+                          f"results ({problem}); use fp8=none, or dtype=bfloat16")
+
+
+def _check_capability(fp8: str, device: torch.device) -> None:
     capability = torch.cuda.get_device_capability(device)
     if tuple(capability) < MIN_COMPUTE_CAPABILITY:
         raise ConfigError(
@@ -76,7 +101,6 @@ def check_fp8_support(fp8: str, device: torch.device | str, *, lora: bool = Fals
             f"{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]}), but {torch.cuda.get_device_name(device)} has "
             f"{capability[0]}.{capability[1]}; use fp8=none"
         )
-    _torchao_float8(fp8)
 
 
 def _torchao_float8(fp8: str) -> Any:

@@ -69,7 +69,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     check_pipeline_layout(source.config, pipeline_parallel_size=config.pipeline_parallel_size,
                           schedule=config.pipeline_schedule, micro_batches=config.gradient_accumulation)
     start_adapter = adapter_to_start_from(lora, source)  # model= names a LoRA run's step
-    check_fp8_support(config.fp8, device, lora=lora is not None)
+    check_fp8_support(config.fp8, device, lora=lora is not None, dtype=dtype)
     reader, valid_examples = read_sft_data(config, tokenizer, gangs)
 
     if config.save_model_only:
@@ -93,7 +93,8 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
             activation_checkpointing=config.activation_checkpointing,
             activation_checkpointing_blocks=config.activation_checkpointing_blocks, compile=compile_blocks,
             reshard_after_forward=config.fsdp_reshard_after_forward, param_dtype=dtype if mixed else None,
-            reduce_dtype=torch.float32, fp8=config.fp8, sequence_parallel=config.sequence_parallel,
+            reduce_dtype=torch.float32, fp8=config.fp8 if lora is None else "none",  # LoRA: start_lora casts
+            sequence_parallel=config.sequence_parallel,
             async_tp=config.async_tensor_parallel,
         )
 
@@ -110,7 +111,7 @@ def train(config: InstructionFinetuneConfig, output_dir: Path, gangs: Gangs) -> 
     )
     if lora is not None:
         start_lora(model, lora, seed=config.seed, resuming=resume_step is not None, dtype=dtype,
-                   adapter=start_adapter, adapter_source=source.adapter)
+                   adapter=start_adapter, adapter_source=source.adapter, fp8=config.fp8)
     optimizer = build_optimizer(model, optimizer_settings(config), dp_size=gangs.dp.size)
     scheduler, state, model_config_dict = start_trainer_state(
         config, model=model, optimizer=optimizer, reader=reader, source=source, lora=lora, checkpoints=checkpoints,

@@ -32,7 +32,9 @@ class InstructionFinetuneConfig(LmTrainingConfig):
     # Memory and speed.
     fp8: Literal["none", "tensorwise", "rowwise"] = "none"
     """Linear layers in float8 through torchao (CUDA, compute capability >= 8.9): `tensorwise` (fastest) or
-    `rowwise` scaling; the output projection stays in `dtype` (`ft.models.fp8`)."""
+    `rowwise` scaling; the output projection stays in `dtype` (`ft.models.fp8`). With LoRA: the frozen base
+    linears are cast to float8 once and run forward and input gradient in float8, one process
+    (`ft.lora.float8_base`)."""
     optimizer: str = "adamw"
     """A registered optimizer (`ft.training.optimizers.OPTIMIZERS`): adamw, adamw8bit, adamw4bit (torchao), adafactor."""
     optimizer_in_backward: bool = False

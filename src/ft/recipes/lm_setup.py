@@ -75,7 +75,8 @@ def resolve_model_and_tokenizer(config, gangs: Gangs):
     lora = config.lora if config.lora.enabled else None
     if lora is not None:
         check_lora_run(lora, source=source, dp_size=gangs.dp.size, tp_size=gangs.tp.size, pp_size=gangs.pp.size,
-                       data_parallelism=config.data_parallelism, fsdp_replicas=config.fsdp_replicas)
+                       data_parallelism=config.data_parallelism, fsdp_replicas=config.fsdp_replicas,
+                       fp8=getattr(config, "fp8", "none"))  # preference tuning has no fp8 key
     return source, tokenizer, lora
 
 

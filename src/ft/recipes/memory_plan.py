@@ -24,6 +24,7 @@ def memory_plan(config: Any, model_config: Any, *, dp_size: int, tp_size: int) -
         data_parallelism=config.data_parallelism, fsdp_reshard_after_forward=config.fsdp_reshard_after_forward,
         lora_rank=lora.rank if lora is not None else None,
         lora_nf4=lora is not None and lora.base_quantization == "nf4",
+        lora_fp8=lora is not None and config.fp8 != "none",
         lora_embeddings_on_host=lora is not None and lora.embeddings_on_host,
     )
 

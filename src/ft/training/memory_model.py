@@ -74,6 +74,8 @@ class MemoryPlan:
     lora_rank: int | None = None
     """LoRA: only adapters of this rank on every linear layer train (an upper bound)."""
     lora_nf4: bool = False
+    lora_fp8: bool = False
+    """`fp8` with LoRA: the frozen block linears in float8 (one byte each, scales negligible)."""
     lora_embeddings_on_host: bool = False
     """`lora.embeddings_on_host`: the frozen input embedding table stays in host memory (no GPU bytes)."""
 
@@ -156,13 +158,15 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         trainable_shapes = shapes
     trainable = sum(math.prod(s) for s in trainable_shapes.values())
     if lora:
-        # QLoRA quantizes the blocks' linear weights (NF4: 4 bits and a float32 scale per 64);
-        # embeddings, output layer and norms stay in the compute dtype.
-        nf4_numel = sum(n for name, n in numels.items() if plan.lora_nf4 and ".layers." in f".{name}"
-                        and len(shapes[name]) == 2)
+        # QLoRA quantizes the blocks' linear weights (NF4: 4 bits and a float32 scale per 64), fp8 casts
+        # them to one byte; embeddings, output layer and norms stay in the compute dtype.
+        block_linear_numel = sum(n for name, n in numels.items() if ".layers." in f".{name}"
+                                 and len(shapes[name]) == 2)
+        nf4_numel = block_linear_numel if plan.lora_nf4 else 0
+        fp8_numel = block_linear_numel if plan.lora_fp8 and not plan.lora_nf4 else 0
         # With embeddings_on_host the input embedding table is in host memory.
         host_numel = numels.get("model.embed_tokens.weight", 0) if plan.lora_embeddings_on_host else 0
-        frozen = nf4_numel * (0.5 + 4 / 64) + (total - nf4_numel - host_numel) * compute
+        frozen = nf4_numel * (0.5 + 4 / 64) + fp8_numel + (total - nf4_numel - fp8_numel - host_numel) * compute
         weights = (frozen + trainable * param_bytes) / shard
     else:
         weights = total * param_bytes / shard
