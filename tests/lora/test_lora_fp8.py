@@ -193,6 +193,18 @@ def test_float8_base_refuses_more_than_one_process(layout, message):
     check_lora_run(LoraConfig(enabled=True), source=SOURCE, fp8="tensorwise", dp_size=1, tp_size=1)
 
 
+@pytest.mark.parametrize("layout, message", [
+    ({"tensor_parallel_size": 2}, "this run has tensor_parallel_size=2"),
+    ({"pipeline_parallel_size": 2, "gradient_accumulation": 2}, "this run has pipeline_parallel_size=2"),
+])
+def test_the_config_refuses_a_sharded_float8_base_before_any_process_starts(layout, message):
+    from ft.recipes.instruction_finetune_config import InstructionFinetuneConfig
+
+    with pytest.raises(ConfigError, match=message):
+        InstructionFinetuneConfig(lora=LoraConfig(enabled=True), fp8="rowwise", **layout).check()
+    InstructionFinetuneConfig(lora=LoraConfig(enabled=True), **layout).check()  # bf16 base: fine
+
+
 def test_float8_base_and_nf4_are_one_or_the_other(tmp_path, user_assets):
     pytest.importorskip("torchao")
     with pytest.raises(ConfigError, match="lora.base_quantization=nf4 quantizes it too; choose one"):

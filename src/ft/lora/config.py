@@ -66,8 +66,26 @@ def check_embeddings_on_host_layout(config: LoraConfig, **sizes: int) -> None:
     name): FSDP, tensor parallelism and pipeline stages shard the table or place it on the GPUs."""
     if not (config.enabled and config.embeddings_on_host):
         return
-    over = [f"{name}={size}" for name, size in sizes.items() if size > 1]
+    over = _above_one(sizes)
     if over:
         raise ConfigError(f"config key 'lora.embeddings_on_host' runs on one process, but this run has "
                           f"{', '.join(over)} (FSDP, tensor parallelism and pipeline stages shard the table or place "
                           "it on the GPUs); run one process, or use lora.embeddings_on_host=false")
+
+
+def check_float8_base_layout(config: LoraConfig, fp8: str, **sizes: int) -> None:
+    """ConfigError for a float8 frozen base (`fp8` with LoRA) that cannot work: on NF4, or sharded."""
+    if config.base_quantization != "none":
+        raise ConfigError(f"config key 'fp8' ({fp8}) casts LoRA's frozen base to float8, and "
+                          f"lora.base_quantization={config.base_quantization} quantizes it too; choose one: "
+                          "fp8=none for QLoRA, or lora.base_quantization=none for a float8 base")
+    over = _above_one(sizes)
+    if over:
+        raise ConfigError(f"config key 'fp8' ({fp8}) with lora.enabled=true runs on one process (float8 base weights "
+                          f"are not sharded or broadcast), but this run has {', '.join(over)}; run one process, or "
+                          "use fp8=none")
+
+
+def _above_one(sizes: dict[str, int]) -> list[str]:
+    """"name=size" for each parallel size above 1."""
+    return [f"{name}={size}" for name, size in sizes.items() if size > 1]

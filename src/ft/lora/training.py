@@ -21,7 +21,7 @@ from torch import nn
 
 from ft.errors import ConfigError
 from ft.lora.apply import apply_lora, init_lora_weights, lora_state_dict
-from ft.lora.config import LoraConfig
+from ft.lora.config import LoraConfig, check_float8_base_layout
 from ft.lora.merge import iter_checkpoint_tensors, merge_tensors
 from ft.lora.peft_io import save_adapter
 
@@ -60,19 +60,6 @@ def check_lora_run(config: LoraConfig, *, source: Any, dp_size: int, tp_size: in
             raise ConfigError(f"config key 'fsdp_replicas' ({fsdp_replicas}) leaves one process per FSDP shard group, "
                               "which lora.base_quantization=nf4 does not support; use fewer replicas (at least 2 "
                               "processes per replica)")
-
-
-def check_float8_base_layout(config: LoraConfig, fp8: str, **sizes: int) -> None:
-    """ConfigError for a float8 frozen base (`fp8` with LoRA) that cannot work: on NF4, or sharded."""
-    if config.base_quantization != "none":
-        raise ConfigError(f"config key 'fp8' ({fp8}) casts LoRA's frozen base to float8, and "
-                          f"lora.base_quantization={config.base_quantization} quantizes it too; choose one: "
-                          "fp8=none for QLoRA, or lora.base_quantization=none for a float8 base")
-    over = [f"{name}={size}" for name, size in sizes.items() if size > 1]
-    if over:
-        raise ConfigError(f"config key 'fp8' ({fp8}) with lora.enabled=true runs on one process (float8 base weights "
-                          f"are not sharded or broadcast), but this run has {', '.join(over)}; run one process, or "
-                          "use fp8=none")
 
 
 def lora_fingerprint(config: LoraConfig) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from ft.errors import ConfigError
+from ft.lora.config import check_float8_base_layout
 from ft.recipes.lm_training_config import LmTrainingConfig
 
 if TYPE_CHECKING:
@@ -103,6 +104,10 @@ class InstructionFinetuneConfig(LmTrainingConfig):
                 f"({self.max_seq_len}): a batch holds whole rows"
             )
         check_pipeline_settings(self)
+        if self.lora.enabled and self.fp8 != "none":  # the data-parallel size is checked when the gangs exist
+            check_float8_base_layout(self.lora, self.fp8, tensor_parallel_size=self.tensor_parallel_size,
+                                     pipeline_parallel_size=self.pipeline_parallel_size,
+                                     fsdp_replicas=self.fsdp_replicas)
         if self.data_parallelism == "ddp" and self.fsdp_replicas > 1:
             raise ConfigError(f"config key 'fsdp_replicas' ({self.fsdp_replicas}) needs data_parallelism=fsdp "
                               f"(HSDP shards within replicas); DDP replicates over all ranks: use fsdp_replicas=1")
