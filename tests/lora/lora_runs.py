@@ -51,6 +51,31 @@ def assert_peft_adapter_matches_merged_export(step_dir, base_dir) -> None:
     torch.testing.assert_close(adapted, merged_logits, rtol=1e-4, atol=1e-4)
 
 
+def assert_merged_into_checkpoint_weights(step_dir, base_dir, *, also=None) -> None:
+    """`step_dir/merged` holds W + (alpha / r) B A (alpha 8, rank 4, as `LORA`) on the base
+    checkpoint's own weights for all 28 adapted projections of the tiny model, every other
+    tensor unchanged; `also(key, base_weight, merged_weight, delta)` checks each adapted one more."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = load_file(base_dir / "model.safetensors")
+    adapter = load_file(step_dir / "adapter_model.safetensors")
+    merged = load_file(step_dir / "merged" / "model.safetensors")
+    adapted = 0
+    for key, weight in base.items():
+        prefix = "base_model.model." + key.removesuffix(".weight")
+        if prefix + ".lora_A.weight" not in adapter:
+            torch.testing.assert_close(merged[key], weight.float(), rtol=0, atol=0, msg=key)
+            continue
+        delta = 2.0 * adapter[prefix + ".lora_B.weight"].float() @ adapter[prefix + ".lora_A.weight"].float()
+        assert delta.abs().max() > 0, key
+        torch.testing.assert_close(merged[key], weight.float() + delta, msg=key)
+        if also is not None:
+            also(key, weight, merged[key], delta)
+        adapted += 1
+    assert adapted == 4 * 7
+
+
 def assert_stopped_run_resumes_exactly(full, resumed, settings, monkeypatch) -> dict:
     """`resumed`, stopped during step 3 (as on SIGTERM) and run again with `settings`, logs
     `full`'s losses and ends with its step-6 adapters bitwise; returns `full`'s adapters."""

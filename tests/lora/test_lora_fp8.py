@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ft.errors import ConfigError
@@ -23,6 +22,7 @@ from ft.lora.layers import LoraLinear, float8_frozen_linears
 from ft.lora.training import check_lora_run
 from tests.lora.lora_runs import (
     LORA,
+    assert_merged_into_checkpoint_weights,
     assert_peft_adapter_matches_merged_export,
     assert_stopped_run_resumes_exactly,
     assert_trainer_state_holds_only_adapters,
@@ -163,19 +163,7 @@ def test_float8_base_exports_merge_into_the_checkpoint_weights(tmp_path, user_as
     assert run_finetune(out, *FP8_LORA, "max_num_steps=3", "lora.export_merged=true") == 0
     step_dir = out / "checkpoints" / "step_3"
     base_dir = load_card("ft_tiny").path("checkpoint")
-    base = load_file(base_dir / "model.safetensors")
-    adapter = load_file(step_dir / "adapter_model.safetensors")
-    merged = load_file(step_dir / "merged" / "model.safetensors")
-    adapted = 0
-    for key, weight in base.items():
-        prefix = "base_model.model." + key.removesuffix(".weight")
-        if prefix + ".lora_A.weight" not in adapter:
-            torch.testing.assert_close(merged[key], weight.float(), rtol=0, atol=0, msg=key)
-            continue
-        delta = 2.0 * adapter[prefix + ".lora_B.weight"].float() @ adapter[prefix + ".lora_A.weight"].float()
-        torch.testing.assert_close(merged[key], weight.float() + delta, msg=key)
-        adapted += 1
-    assert adapted == 4 * 7
+    assert_merged_into_checkpoint_weights(step_dir, base_dir)
     assert_peft_adapter_matches_merged_export(step_dir, base_dir)
 
 

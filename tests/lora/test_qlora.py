@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ft.errors import ConfigError
 from ft.lora import LoraConfig
 from ft.lora.training import check_lora_run
 from tests.lora.lora_runs import (
     LORA,
+    assert_merged_into_checkpoint_weights,
     assert_peft_adapter_matches_merged_export,
     assert_stopped_run_resumes_exactly,
     assert_trainer_state_holds_only_adapters,
@@ -54,26 +54,13 @@ def test_qlora_exports_use_the_original_base(tmp_path, user_assets):
     assert run_finetune(out, *QLORA, "max_num_steps=3", "lora.export_merged=true") == 0
     step_dir = out / "checkpoints" / "step_3"
     base_dir = load_card("ft_tiny").path("checkpoint")
-    base = load_file(base_dir / "model.safetensors")
-    adapter = load_file(step_dir / "adapter_model.safetensors")
-    merged = load_file(step_dir / "merged" / "model.safetensors")
 
-    # By hand: W + (alpha / r) B A on the checkpoint's weights (alpha 8, rank 4).
-    adapted = 0
-    for key, weight in base.items():
-        prefix = "base_model.model." + key.removesuffix(".weight")
-        if prefix + ".lora_A.weight" not in adapter:
-            torch.testing.assert_close(merged[key], weight.float(), rtol=0, atol=0, msg=key)
-            continue
-        delta = 2.0 * adapter[prefix + ".lora_B.weight"].float() @ adapter[prefix + ".lora_A.weight"].float()
-        assert delta.abs().max() > 0, key
-        torch.testing.assert_close(merged[key], weight.float() + delta, msg=key)
+    def not_merged_into_nf4(key, weight, merged, delta):
         # Merging into the dequantized NF4 weight instead would be far off.
         nf4_weight = to_nf4(weight, dtype=torch.float32, name=key).get_original_weight()
-        assert (merged[key] - (nf4_weight + delta)).abs().max() > 1e-3, key
-        adapted += 1
-    assert adapted == 4 * 7
+        assert (merged - (nf4_weight + delta)).abs().max() > 1e-3, key
 
+    assert_merged_into_checkpoint_weights(step_dir, base_dir, also=not_merged_into_nf4)
     assert_peft_adapter_matches_merged_export(step_dir, base_dir)
 
 
