@@ -20,6 +20,11 @@ run's directory is deleted once read), `torch_compile` at its default:
                scaling): its loss curve against fp32_master's, e.g. `--variants fp32_master,fp8_tensorwise --steps 300`
   fp32_master_repeat  (optional, `--variants`) fp32_master again: on a GPU the kernels are not
                bitwise deterministic, so its distance from fp32_master is a floor for the noise
+  lora_bf16, lora_bf16_repeat, lora_fp8_tensorwise, lora_fp8_rowwise  (optional; `--reference lora_bf16`)
+               LoRA rank 16 (alpha 32) on every projection of the frozen base, adapters in float32; the
+               fp8 ones keep the frozen base in float8 (ft.lora.float8_base, CUDA with float8 matmuls):
+               their curves against bf16 LoRA's, e.g. `--variants lora_bf16,lora_fp8_tensorwise,
+               lora_fp8_rowwise --reference lora_bf16 --learning-rate 1e-3 --steps 300`
 
 All use the same seed, so the same initial weights (drawn in each variant's parameter
 dtype) and the same batches in the same order. `--optimizer adamw|adafactor` goes to
@@ -71,15 +76,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+_LORA = ["lora.enabled=true", "lora.rank=16", "lora.alpha=32"]
 VARIANTS = {
     "fp32_master": ["mixed_precision=true"],
     "bf16_sr": ["mixed_precision=false", "bf16_stochastic_rounding=true"],
     "bf16_plain": ["mixed_precision=false"],
     "fp32_master_repeat": ["mixed_precision=true"],
     "fp8_tensorwise": ["mixed_precision=true", "fp8=tensorwise"],
+    # LoRA rank 16 on every projection of the frozen bf16 base, adapters in float32 (mixed precision).
+    "lora_bf16": ["mixed_precision=true", *_LORA],
+    "lora_bf16_repeat": ["mixed_precision=true", *_LORA],
+    "lora_fp8_tensorwise": ["mixed_precision=true", *_LORA, "fp8=tensorwise"],
+    "lora_fp8_rowwise": ["mixed_precision=true", *_LORA, "fp8=rowwise"],
 }
 DEFAULT_VARIANTS = "fp32_master,bf16_sr,bf16_plain"
-REFERENCE = "fp32_master"
+DEFAULT_REFERENCE = "fp32_master"
 
 
 def smooth(losses: list[float], window: int) -> list[float]:
@@ -118,8 +129,8 @@ def compare(reference: list[float], other: list[float], *, window: int, abs_tol:
 
 
 def run_variant(name: str, base_command: list[str], env: dict[str, str], out_dir: Path,
-                timeout_s: float | None) -> dict[str, Any]:
-    command = [*base_command[:5], str(out_dir), *base_command[5:], *VARIANTS[name]]
+                timeout_s: float | None, extra: list[str] = (), keep: bool = False) -> dict[str, Any]:
+    command = [*base_command[:5], str(out_dir), *base_command[5:], *VARIANTS.get(name, []), *extra]
     started = time.perf_counter()
     # Its own session, so a timeout ends the compile workers too.
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -135,7 +146,8 @@ def run_variant(name: str, base_command: list[str], env: dict[str, str], out_dir
     metrics = out_dir / "metrics" / "train.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     config = (out_dir / "config.yaml").read_text() if (out_dir / "config.yaml").is_file() else None
-    shutil.rmtree(out_dir, ignore_errors=True)  # a 1B model's save is 2.5 GB
+    if not keep:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a 1B model's save is 2.5 GB
     result: dict[str, Any] = {"name": name, "status": status, "command": " ".join(command), "wall_s": wall}
     if status == "error":
         result["error"] = f"exit code {proc.returncode}"
@@ -160,19 +172,23 @@ def run_variant(name: str, base_command: list[str], env: dict[str, str], out_dir
 
 def comparisons(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     by_name = {r["name"]: r for r in results if r["status"] == "ok"}
-    if REFERENCE not in by_name:
+    if args.reference not in by_name:
         return {}
-    return {name: compare(by_name[REFERENCE]["losses"], r["losses"], window=args.smooth, abs_tol=args.abs_tol,
+    return {name: compare(by_name[args.reference]["losses"], r["losses"], window=args.smooth, abs_tol=args.abs_tol,
                           rel_tol=args.rel_tol)
-            for name, r in by_name.items() if name != REFERENCE}
+            for name, r in by_name.items() if name != args.reference}
 
 
 def verdict(compared: dict[str, Any]) -> dict[str, Any]:
     sr, plain = compared.get("bf16_sr"), compared.get("bf16_plain")
-    return {
+    out = {
         "bf16_sr_follows_fp32_master": sr["within_tolerance"] if sr else None,
         "bf16_plain_falls_behind": plain["behind"] if plain else None,
     }
+    for name in ("lora_fp8_tensorwise", "lora_fp8_rowwise"):
+        if name in compared:
+            out[f"{name}_follows_lora_bf16"] = compared[name]["within_tolerance"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="llama3_2_1b")
     parser.add_argument("--arch", default="llama3_2_1b", help="the model's arch (random weights)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--reference", default=DEFAULT_REFERENCE,
+                        help="the variant the others are compared with (lora_bf16 for the lora_* variants)")
+    parser.add_argument("--lora-base-steps", type=int, default=100,
+                        help="lora_* variants: full fine-tuning steps from random init that make their base")
+    parser.add_argument("--lora-base-learning-rate", type=float, default=3e-4)
     parser.add_argument("--steps", type=int, default=None, help="steps per variant (default 150; tiny 16)")
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--max-num-tokens", type=int, default=16384, help="tokens per step (rows of 2048)")
@@ -203,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if args.reference not in names:
+        parser.error(f"--reference {args.reference} is not among --variants {args.variants}")
     if not args.gsm8k.is_file():
         parser.error(f"--gsm8k {args.gsm8k}: no such file (GSM8K's train.jsonl, question/answer rows)")
     steps = args.steps or (16 if args.tiny else 150)
@@ -211,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
     doc: dict[str, Any] = {
         "benchmark": "precision_curves", "preset": args.preset, "arch": arch, "tiny": args.tiny, "steps": steps,
-        "optimizer": args.optimizer, "reference": REFERENCE, "smooth_window": args.smooth,
-        "tolerance": f"|smoothed loss - {REFERENCE}'s| <= max({args.abs_tol}, {args.rel_tol} x {REFERENCE}'s) "
+        "optimizer": args.optimizer, "reference": args.reference, "smooth_window": args.smooth,
+        "tolerance": f"|smoothed loss - {args.reference}'s| <= max({args.abs_tol}, {args.rel_tol} x {args.reference}'s) "
                      f"at every step of the second half",
         "results": [],
     }
@@ -241,6 +264,24 @@ def main(argv: list[str] | None = None) -> int:
                 "--config", *overrides]
         env = dict(os.environ, FT_USER_ASSET_DIR=str(cards), PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
         write()
+        lora_base: list[str] = []
+        if any(n.startswith("lora_") for n in names):
+            # LoRA needs a base with weights: a short full fine-tuning run from random init makes one
+            # that has learnt something, so the adapters train on a model whose top tokens are not ties.
+            base_steps = args.lora_base_steps
+            made = run_variant("lora_base", base, env, tmp / "lora_base", args.budget_s, keep=True, extra=[
+                "mixed_precision=true", f"max_num_steps={base_steps}", f"checkpoint_every_n_steps={base_steps}",
+                f"learning_rate={args.lora_base_learning_rate}"])
+            made.pop("effective_config", None)
+            doc["lora_base"] = made
+            step_dir = tmp / "lora_base" / "checkpoints" / f"step_{base_steps}"
+            if made["status"] != "ok" or not step_dir.is_dir():
+                print(f"lora_base {made['status']}: {made.get('stderr_tail', '')[-2000:]}", file=sys.stderr)
+                write()
+                return 1
+            print(f"lora_base ok  steps {made['steps']}  final loss {made['losses'][-1]:.4f}  "
+                  f"wall {made['wall_s']:.0f} s", file=sys.stderr, flush=True)
+            lora_base = [f"model={step_dir}"]
         for name in names:
             elapsed = time.perf_counter() - start
             longest = max((r["wall_s"] for r in doc["results"] if "wall_s" in r), default=0.0)
@@ -250,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  f"budget of {args.budget_s:.0f} s"})
             else:
                 timeout = args.budget_s - elapsed if args.budget_s is not None else None
-                doc["results"].append(run_variant(name, base, env, tmp / f"out_{name}", timeout))
+                doc["results"].append(run_variant(name, base, env, tmp / f"out_{name}", timeout,
+                                                  extra=lora_base if name.startswith("lora_") else []))
             r = doc["results"][-1]
             print(f"{name:<20} {r['status']:<8} " + (f"steps {r['steps']}  final loss {r['losses'][-1]:.4f}  "
                                                      f"tok/s {r['tokens_per_s'] or 0:,.0f}  wall {r['wall_s']:.0f} s"

@@ -44,6 +44,18 @@ def test_qlora_quantizes_only_the_block_linears(shapes):
     assert 5.6 < nf4.weights / GIB < 5.9
 
 
+def test_lora_without_checkpointing_casts_only_its_adapters(shapes):
+    """Under autocast without checkpointing a full fine-tuning run keeps a bf16 cast of every
+    float32 weight for backward; LoRA's frozen base is bf16 already, so only the adapters are cast."""
+    plan = lora_plan(activation_checkpointing="none")
+    lora = predict_memory(plan, shapes)
+    stored = predict_memory(dataclasses.replace(plan, mixed_precision=False), shapes)  # bf16 adapters, no casts
+    trainable = lora.params_trainable
+    # float32 adapters and their bf16 casts, against bf16 adapters: 4 bytes more per adapter weight.
+    assert lora.weights - stored.weights == trainable * 4
+    assert lora.weights / GIB < 15.5  # the 14.96 GiB base once, not a second bf16 copy of it
+
+
 def test_four_bit_adamw_counts_its_step_intermediates_for_the_largest_parameter(shapes):
     """torchao's 4-bit step materialises int64 codes and float32 values of both states for the
     parameter it steps (24 bytes per element); the 8-bit step fuses them."""

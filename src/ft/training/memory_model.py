@@ -178,8 +178,10 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         weights += (block_params * config.n_layers if not plan.fsdp_reshard_after_forward else 2 * block_params) \
             * compute / plan.tp_size
     elif mixed and plan.dp_size == 1 and uncheckpointed:
-        # autocast's casts, saved for backward by the blocks that are not checkpointed
-        weights += total * compute / plan.tp_size * uncheckpointed / config.n_layers
+        # autocast's casts, saved for backward by the blocks that are not checkpointed; LoRA's frozen
+        # base is stored in the compute dtype already, so only its (small) adapters are cast.
+        cast = trainable if lora else total
+        weights += cast * compute / plan.tp_size * uncheckpointed / config.n_layers
 
     grad_bytes = 4 if (fsdp and mixed) else param_bytes
     largest = max(math.prod(s) for s in trainable_shapes.values())
