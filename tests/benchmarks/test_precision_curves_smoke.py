@@ -86,3 +86,30 @@ def test_compare_smoothed_second_half():
     # The 10-step average of the jump climbs 0.02, 0.04, ..., 0.2 over steps 21..30, then stays.
     assert gap["mean_signed_diff"] == pytest.approx((0.02 * sum(range(1, 11)) + 0.2 * 10) / 20)
     assert gap["behind"] and not gap["within_tolerance"]
+
+
+def test_lora_variants_train_on_a_made_base(tmp_path):
+    """LoRA needs weights: a short full fine-tuning run makes the base, and every LoRA variant
+    (here the float8 frozen base against bf16) starts from it and is compared with `--reference`."""
+    _, doc = _run(tmp_path, "--variants", "lora_bf16,lora_fp8_tensorwise", "--reference", "lora_bf16",
+                  "--steps", "8", "--lora-base-steps", "8", "--learning-rate", "1e-3")
+    base = doc["lora_base"]
+    assert base["status"] == "ok" and base["steps"] == 8
+    results = {r["name"]: r for r in doc["results"]}
+    for r in results.values():
+        assert r["status"] == "ok" and r["steps"] == 8, r
+        assert "enabled: true" in r["effective_config"] and "/lora_base/checkpoints/step_8" in r["effective_config"]
+        # The adapters start at B = 0: the first loss is the trained base's, below its own first loss.
+        assert r["losses"][0] < base["losses"][0] - 0.1, (r["losses"][0], base["losses"])
+    assert "fp8: tensorwise" in results["lora_fp8_tensorwise"]["effective_config"]
+    assert doc["reference"] == "lora_bf16" and list(doc["comparisons"]) == ["lora_fp8_tensorwise"]
+    assert doc["verdict"]["lora_fp8_tensorwise_follows_lora_bf16"] is True
+
+
+def test_reference_must_be_a_variant(tmp_path):
+    data = tmp_path / "gsm8k.jsonl"
+    write_gsm8k_like(data, 20)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--gsm8k", str(data), "--variants", "lora_fp8_rowwise",
+                           "--reference", "lora_bf16"], env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--reference lora_bf16 is not among --variants" in proc.stderr
