@@ -141,7 +141,7 @@ def predicted_peak_gib(variant: Variant, config: Any, spec: dict[str, Any], loss
                       activation_checkpointing=variant.ac, activation_offloading=variant.offload,
                       max_num_tokens=spec["seq_len"] * spec["batch_size"], loss_chunk_size=loss_chunk_size,
                       lora_rank=16, lora_nf4=variant.quantization == "nf4", lora_fp8=variant.fp8 != "none",
-                      lora_embeddings_on_host=variant.host_embeddings)
+                      lora_embeddings_on_host=variant.host_embeddings, compiled=variant.compile)
     return round(predict_memory(plan).peak / GIB, 2)
 
 

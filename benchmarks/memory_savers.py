@@ -116,8 +116,8 @@ def tiny_config(arch: str) -> Any:
                                max_seq_len=16384, bos_id=1, eos_id=2)
 
 
-def memory_plan(config: Any, keys: dict[str, Any], tokens: int) -> MemoryPlan:
-    return MemoryPlan(
+def memory_plan(config: Any, keys: dict[str, Any], tokens: int, compiled: bool = True) -> MemoryPlan:
+    return MemoryPlan(compiled=compiled,
         model_config=config, dtype="bfloat16", mixed_precision=keys["mixed_precision"], optimizer=keys["optimizer"],
         optimizer_in_backward=keys["optimizer_in_backward"], optimizer_cpu_offload=keys["optimizer_cpu_offload"],
         stochastic_rounding=keys["bf16_stochastic_rounding"], activation_checkpointing=keys["activation_checkpointing"],
@@ -168,7 +168,8 @@ def run_variant(variant: Variant, config: Any, shapes: dict, gangs: Any, args: a
                 steps: int, ctx: dict[str, Any], batch: Any) -> dict[str, Any]:
     device = gangs.device
     keys = {**DEFAULTS, **variant.keys}
-    predicted = predict_memory(memory_plan(config, keys, batch.num_tokens), shapes)
+    compiled = gangs.device.type == "cuda" and not args.no_compile
+    predicted = predict_memory(memory_plan(config, keys, batch.num_tokens, compiled), shapes)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         fraction = min(1.0, args.cap_gb * 1e9 / total) if variant.capped and not args.no_cap else 1.0

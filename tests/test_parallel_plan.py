@@ -91,14 +91,14 @@ def _stages_refused(config: InstructionFinetuneConfig) -> bool:
 # with a setting the recipe refuses beside pipeline stages (DDP: also beside TP and HSDP);
 # LoRA's row follows whichever rule the recipe has for LoRA with stages.
 @pytest.mark.parametrize("model, gpus, gib, settings", [
-    ("llama3_1_8b", 16, 40, dict(fsdp_reshard_after_forward=False, max_num_tokens=8192, sequence_parallel=True)),
+    ("llama3_1_8b", 16, 36, dict(fsdp_reshard_after_forward=False, max_num_tokens=8192, sequence_parallel=True)),
     ("llama3_1_70b", 16, 141, dict(fsdp_reshard_after_forward=False, max_num_tokens=2048, sequence_parallel=True)),
     ("llama3_1_70b", 16, 141, dict(fsdp_reshard_after_forward=False, max_num_tokens=8192, activation_offloading=True)),
     ("llama3_2_3b", 8, 56, dict(data_parallelism="ddp", max_num_tokens=8192)),
-    ("llama3_2_3b", 8, 52, dict(data_parallelism="ddp", max_num_tokens=16384)),
+    ("llama3_2_3b", 8, 56, dict(data_parallelism="ddp", max_num_tokens=24576)),
     ("llama3_1_8b", 8, 24, dict(fsdp_reshard_after_forward=False, max_num_tokens=2048,
                                 lora=LoraConfig(enabled=True, rank=16))),
-], ids=["sequence_parallel_8b", "sequence_parallel_70b", "activation_offloading", "ddp_8k", "ddp_16k", "lora"])
+], ids=["sequence_parallel_8b", "sequence_parallel_70b", "activation_offloading", "ddp_8k", "ddp_24k", "lora"])
 def test_auto_plans_only_layouts_the_recipe_accepts(model, gpus, gib, settings):
     config = _auto_config(model=model, **settings)
     assert _unchecked_plan(config, gpus=gpus, gib=gib).pp > 1  # the case is one where stages would win

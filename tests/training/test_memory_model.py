@@ -56,6 +56,25 @@ def test_lora_without_checkpointing_casts_only_its_adapters(shapes):
     assert lora.weights / GIB < 15.5  # the 14.96 GiB base once, not a second bf16 copy of it
 
 
+def test_a_compiled_block_recomputes_the_swiglu_product(shapes):
+    plan = lora_plan(activation_checkpointing="none")
+    compiled = predict_memory(plan, shapes)
+    eager = predict_memory(dataclasses.replace(plan, compiled=False), shapes)
+    # bf16: 2 bytes of SwiGLU's product per token, FFN channel and block.
+    assert eager.activations - compiled.activations == TOKENS * CONFIG.n_layers * CONFIG.ffn_dim * 2
+    assert eager.weights == compiled.weights
+
+
+def test_qlora_counts_the_dequantized_weight_inside_a_block(shapes):
+    lora = predict_memory(lora_plan(), shapes)
+    qlora = predict_memory(lora_plan(lora_nf4=True), shapes)
+    assert lora.dequant_transient == 0
+    assert qlora.dequant_transient == 12 * CONFIG.ffn_dim * CONFIG.dim  # the largest block linear
+    # Full checkpointing: the peak is the first block's backward, recompute and dequantization together.
+    assert qlora.peak == pytest.approx(qlora.weights + qlora.optimizer_states + qlora.activations
+                                       + qlora.recompute + qlora.dequant_transient + qlora.output_gradient)
+
+
 def test_four_bit_adamw_counts_its_step_intermediates_for_the_largest_parameter(shapes):
     """torchao's 4-bit step materialises int64 codes and float32 values of both states for the
     parameter it steps (24 bytes per element); the 8-bit step fuses them."""

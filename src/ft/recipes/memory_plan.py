@@ -26,6 +26,7 @@ def memory_plan(config: Any, model_config: Any, *, dp_size: int, tp_size: int) -
         lora_nf4=lora is not None and lora.base_quantization == "nf4",
         lora_fp8=lora is not None and config.fp8 != "none",
         lora_embeddings_on_host=lora is not None and lora.embeddings_on_host,
+        compiled=config.torch_compile is not False,  # auto compiles on CUDA, where the plan is for
     )
 
 

@@ -92,7 +92,8 @@ def dry_run_instruction_finetune(config: Any) -> int:
     for name, gib in estimate.components_gib().items():
         lines.append(f"  {name:<18} {gib:8.2f}")
     lines.append(f"  {'peak allocated':<18} {estimate.peak / GIB:8.2f}  (weights + states + the largest of "
-                 f"activations + loss chunk, activations + recompute, gradients + step transient)")
+                 f"activations + loss chunk, activations + recompute (+ NF4 dequantization for QLoRA), "
+                 f"gradients + step transient)")
     lines.append(f"  {'with slack':<18} {estimate.peak_with_slack / GIB:8.2f}")
     budget = config.max_memory_gib * GIB if config.max_memory_gib is not None else _gpu_memory_bytes()
     if budget is None:

@@ -22,7 +22,9 @@
   backward rebuilds while the saved ones are still alive (with some blocks not
   checkpointed, backward has freed at least that much of theirs by then);
 - loss chunk: the float32 logits of one `loss_chunk_size` chunk and their
-  exponentials, alive at the end of forward.
+  exponentials, alive at the end of forward;
+- QLoRA's dequantization: the NF4 weight of the linear being computed, dequantized
+  (with float32 intermediates), inside a block in forward and backward.
 Peak = weights + states + max(activations + loss chunk + output-layer gradient,
 activations + recompute + output-layer gradient, gradients + step transient):
 the end of forward, the first block's backward, the end of backward. `allocator_slack` (fragmentation, about 5%, and
@@ -31,7 +33,7 @@ the CUDA context, which `max_memory_allocated` does not count) is added for the
 
 The block formula counts the tensors the Llama family saves (RMSNorm inputs in
 float32, flash/flex attention's q, k, v, output and log-sum-exp, SwiGLU's gate, up
-and product); other families of the same shape differ by their extra norms only.
+and, uncompiled, product); other families of the same shape differ by their extra norms only.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class MemoryPlan:
     """`fp8` with LoRA: the frozen block linears in float8 (one byte each, scales negligible)."""
     lora_embeddings_on_host: bool = False
     """`lora.embeddings_on_host`: the frozen input embedding table stays in host memory (no GPU bytes)."""
+    compiled: bool = True
+    """`torch_compile` on (the recipe's default on CUDA): a compiled block recomputes SwiGLU's
+    product from the gate and up projections in backward instead of saving it."""
 
 
 @dataclass(frozen=True)
@@ -95,11 +100,13 @@ class MemoryEstimate:
     params_total: int
     params_trainable: int
     recompute: float = 0.0
+    dequant_transient: float = 0.0
 
     @property
     def peak(self) -> float:
-        forward_end = self.activations + self.loss_chunk + self.output_gradient
-        backward_start = self.activations + self.recompute + self.output_gradient
+        # The NF4 dequantization of the linear being computed is alive inside each block, forward and backward.
+        forward_end = self.activations + max(self.loss_chunk, self.dequant_transient) + self.output_gradient
+        backward_start = self.activations + self.recompute + self.dequant_transient + self.output_gradient
         backward_end = self.gradients + self.step_transient
         return self.weights + self.optimizer_states + max(forward_end, backward_start, backward_end)
 
@@ -109,7 +116,7 @@ class MemoryEstimate:
 
     def components_gib(self) -> dict[str, float]:
         names = ("weights", "gradients", "optimizer_states", "step_transient", "activations", "recompute",
-                 "loss_chunk", "allocator_slack")
+                 "dequant_transient", "loss_chunk", "allocator_slack")
         return {name: getattr(self, name) / GIB for name in names}
 
 
@@ -121,12 +128,15 @@ def parameter_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
     return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
 
-def _block_bytes_per_token(config: Any, compute_bytes: int, tp: int) -> float:
+def _block_bytes_per_token(config: Any, compute_bytes: int, tp: int, compiled: bool = True) -> float:
     """Bytes one decoder block saves for backward per token, with no checkpointing."""
     dim, kv_dim, ffn = config.dim, config.n_kv_heads * config.head_dim, config.ffn_dim
     norms = 2 * (4 * dim)  # each RMSNorm saves its float32 input
-    # norm outputs and linear inputs, q and attention output, k and v, SwiGLU's gate, up and product.
-    sharded = compute_bytes * (4 * dim / tp + 2 * dim / tp + 2 * kv_dim / tp + 3 * ffn / tp) + 4 * config.n_heads / tp
+    # norm outputs and linear inputs, q and attention output, k and v, SwiGLU's gate, up and product
+    # (compiled, the product is recomputed from gate and up in backward: cheap pointwise work).
+    ffn_saved = 2 if compiled else 3
+    sharded = compute_bytes * (4 * dim / tp + 2 * dim / tp + 2 * kv_dim / tp + ffn_saved * ffn / tp) \
+        + 4 * config.n_heads / tp
     return norms + sharded
 
 
@@ -218,7 +228,7 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
     # Autocast keeps the residual stream in the float32 embedding's dtype; LoRA's frozen embedding
     # is in the compute dtype (with lora.train_embeddings it is float32: slightly under-counted).
     residual = 4 if (mixed and not fsdp and not lora) else compute
-    block = _block_bytes_per_token(config, compute, plan.tp_size)
+    block = _block_bytes_per_token(config, compute, plan.tp_size, plan.compiled)
     # Backward reaches the checkpointed blocks only after freeing the activations of the blocks
     # after them; when any block is not checkpointed, those are at least the one recomputed block.
     recompute_per_token = block if checkpointed == config.n_layers else 0.0
@@ -249,8 +259,17 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         weights=weights, gradients=gradients, optimizer_states=states, step_transient=step_transient,
         activations=activations, loss_chunk=loss_chunk, output_gradient=output_gradient, allocator_slack=0.0,
         params_total=total, params_trainable=trainable, recompute=tokens * recompute_per_token,
+        dequant_transient=_nf4_dequant_bytes(shapes) if lora and plan.lora_nf4 else 0.0,
     )
     return dataclasses.replace(estimate, allocator_slack=FRAGMENTATION * estimate.peak + CUDA_CONTEXT_BYTES)
+
+
+def _nf4_dequant_bytes(shapes: dict[str, tuple[int, ...]]) -> float:
+    """torchao's NF4 linear dequantizes its whole weight per call, through float32 intermediates: the
+    profile of the 8B QLoRA step shows 0.66 GiB for its largest (14336 x 4096) weight, 12 bytes an element."""
+    largest = max((math.prod(shape) for name, shape in shapes.items() if ".layers." in f".{name}" and len(shape) == 2),
+                  default=0)
+    return 12 * largest
 
 
 def _checkpointed_blocks(plan: MemoryPlan) -> int:
