@@ -25,13 +25,15 @@ from ft.training.memory_model import GIB, parameter_shapes, predict_memory  # no
 def rows(path: Path) -> list[tuple[str, float, float]]:
     doc = json.loads(path.read_text())
     tokens = doc["workload"]["rows"] * doc["workload"]["seq_len"]
+    # Older results do not record it: every GPU run compiled its blocks unless told --no-compile.
+    compiled = doc.get("compiled", "--no-compile" not in doc["environment"]["command"])
     out = []
     for result in doc["results"]:
         if result.get("status") != "ok" or result.get("peak_memory_allocated_gib") is None:
             continue
         arch = result["name"].split("/")[0]
         config = find_arch(arch)[1]
-        plan = memory_savers.memory_plan(config, result["keys"], tokens)
+        plan = memory_savers.memory_plan(config, result["keys"], tokens, compiled)
         predicted = predict_memory(plan, parameter_shapes(config)).peak / GIB
         out.append((result["name"], result["peak_memory_allocated_gib"], predicted))
     return out

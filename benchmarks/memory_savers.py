@@ -116,9 +116,13 @@ def tiny_config(arch: str) -> Any:
                                max_seq_len=16384, bos_id=1, eos_id=2)
 
 
-def memory_plan(config: Any, keys: dict[str, Any], tokens: int, compiled: bool = True) -> MemoryPlan:
-    return MemoryPlan(compiled=compiled,
-        model_config=config, dtype="bfloat16", mixed_precision=keys["mixed_precision"], optimizer=keys["optimizer"],
+def compiles_blocks(device: torch.device, args: argparse.Namespace) -> bool:
+    return device.type == "cuda" and not args.no_compile
+
+
+def memory_plan(config: Any, keys: dict[str, Any], tokens: int, compiled: bool) -> MemoryPlan:
+    return MemoryPlan(
+        compiled=compiled, model_config=config, dtype="bfloat16", mixed_precision=keys["mixed_precision"], optimizer=keys["optimizer"],
         optimizer_in_backward=keys["optimizer_in_backward"], optimizer_cpu_offload=keys["optimizer_cpu_offload"],
         stochastic_rounding=keys["bf16_stochastic_rounding"], activation_checkpointing=keys["activation_checkpointing"],
         activation_offloading=keys["activation_offloading"], max_num_tokens=tokens,
@@ -130,7 +134,7 @@ def make_step(config: Any, keys: dict[str, Any], gangs: Any, args: argparse.Name
               batch: Any) -> tuple[Callable[[], common.StepCounts], torch.nn.Module]:
     device = gangs.device
     mixed = keys["mixed_precision"]
-    compile_blocks = device.type == "cuda" and not args.no_compile
+    compile_blocks = compiles_blocks(device, args)
     model = create_model(
         config, device=device, dtype=torch.float32 if mixed else torch.bfloat16, seed=args.seed,
         parallelize=lambda m: parallelize_model(m, gangs, activation_checkpointing=keys["activation_checkpointing"],
@@ -168,8 +172,7 @@ def run_variant(variant: Variant, config: Any, shapes: dict, gangs: Any, args: a
                 steps: int, ctx: dict[str, Any], batch: Any) -> dict[str, Any]:
     device = gangs.device
     keys = {**DEFAULTS, **variant.keys}
-    compiled = gangs.device.type == "cuda" and not args.no_compile
-    predicted = predict_memory(memory_plan(config, keys, batch.num_tokens, compiled), shapes)
+    predicted = predict_memory(memory_plan(config, keys, batch.num_tokens, compiles_blocks(device, args)), shapes)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         fraction = min(1.0, args.cap_gb * 1e9 / total) if variant.capped and not args.no_cap else 1.0
@@ -226,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     header = {
-        "benchmark": "memory_savers", "tiny": args.tiny, "environment": common.environment(device),
+        "benchmark": "memory_savers", "tiny": args.tiny, "compiled": compiles_blocks(device, args),
+        "environment": common.environment(device),
         "torchao": torchao_version, "matmul_peak": peak, "warmup_steps": warmup, "timed_steps": steps,
         "workload": {"rows": rows, "seq_len": seq_len, "packed": True, "cap_gb": args.cap_gb},
         "targets": {"peak_allocated_gib": TARGET_PEAK_GIB, "throughput_ratio": TARGET_THROUGHPUT_RATIO,

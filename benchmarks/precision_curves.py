@@ -128,9 +128,9 @@ def compare(reference: list[float], other: list[float], *, window: int, abs_tol:
     }
 
 
-def run_variant(name: str, base_command: list[str], env: dict[str, str], out_dir: Path,
-                timeout_s: float | None, extra: list[str] = (), keep: bool = False) -> dict[str, Any]:
-    command = [*base_command[:5], str(out_dir), *base_command[5:], *VARIANTS.get(name, []), *extra]
+def run_variant(name: str, keys: list[str], base_command: list[str], env: dict[str, str], out_dir: Path,
+                timeout_s: float | None, keep: bool = False) -> dict[str, Any]:
+    command = [*base_command[:5], str(out_dir), *base_command[5:], *keys]
     started = time.perf_counter()
     # Its own session, so a timeout ends the compile workers too.
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -269,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             # LoRA needs a base with weights: a short full fine-tuning run from random init makes one
             # that has learnt something, so the adapters train on a model whose top tokens are not ties.
             base_steps = args.lora_base_steps
-            made = run_variant("lora_base", base, env, tmp / "lora_base", args.budget_s, keep=True, extra=[
+            made = run_variant("lora_base", [
                 "mixed_precision=true", f"max_num_steps={base_steps}", f"checkpoint_every_n_steps={base_steps}",
-                f"learning_rate={args.lora_base_learning_rate}"])
+                f"learning_rate={args.lora_base_learning_rate}"], base, env, tmp / "lora_base", args.budget_s, keep=True)
             made.pop("effective_config", None)
             doc["lora_base"] = made
             step_dir = tmp / "lora_base" / "checkpoints" / f"step_{base_steps}"
@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  f"budget of {args.budget_s:.0f} s"})
             else:
                 timeout = args.budget_s - elapsed if args.budget_s is not None else None
-                doc["results"].append(run_variant(name, base, env, tmp / f"out_{name}", timeout,
-                                                  extra=lora_base if name.startswith("lora_") else []))
+                keys = [*VARIANTS[name], *(lora_base if name.startswith("lora_") else [])]
+                doc["results"].append(run_variant(name, keys, base, env, tmp / f"out_{name}", timeout))
             r = doc["results"][-1]
             print(f"{name:<20} {r['status']:<8} " + (f"steps {r['steps']}  final loss {r['losses'][-1]:.4f}  "
                                                      f"tok/s {r['tokens_per_s'] or 0:,.0f}  wall {r['wall_s']:.0f} s"

@@ -170,8 +170,7 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
     if lora:
         # QLoRA quantizes the blocks' linear weights (NF4: 4 bits and a float32 scale per 64), fp8 casts
         # them to one byte; embeddings, output layer and norms stay in the compute dtype.
-        block_linear_numel = sum(n for name, n in numels.items() if ".layers." in f".{name}"
-                                 and len(shapes[name]) == 2)
+        block_linear_numel = sum(_block_linear_numels(shapes))
         nf4_numel = block_linear_numel if plan.lora_nf4 else 0
         fp8_numel = block_linear_numel if plan.lora_fp8 and not plan.lora_nf4 else 0
         # With embeddings_on_host the input embedding table is in host memory.
@@ -259,17 +258,16 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         weights=weights, gradients=gradients, optimizer_states=states, step_transient=step_transient,
         activations=activations, loss_chunk=loss_chunk, output_gradient=output_gradient, allocator_slack=0.0,
         params_total=total, params_trainable=trainable, recompute=tokens * recompute_per_token,
-        dequant_transient=_nf4_dequant_bytes(shapes) if lora and plan.lora_nf4 else 0.0,
+        # torchao's NF4 linear dequantizes its whole weight per call through float32 intermediates: the
+        # 8B QLoRA step's profile shows 0.66 GiB for its largest (14336 x 4096) weight, 12 bytes an element.
+        dequant_transient=12 * max(_block_linear_numels(shapes)) if lora and plan.lora_nf4 else 0.0,
     )
     return dataclasses.replace(estimate, allocator_slack=FRAGMENTATION * estimate.peak + CUDA_CONTEXT_BYTES)
 
 
-def _nf4_dequant_bytes(shapes: dict[str, tuple[int, ...]]) -> float:
-    """torchao's NF4 linear dequantizes its whole weight per call, through float32 intermediates: the
-    profile of the 8B QLoRA step shows 0.66 GiB for its largest (14336 x 4096) weight, 12 bytes an element."""
-    largest = max((math.prod(shape) for name, shape in shapes.items() if ".layers." in f".{name}" and len(shape) == 2),
-                  default=0)
-    return 12 * largest
+def _block_linear_numels(shapes: dict[str, tuple[int, ...]]) -> list[int]:
+    """Sizes of the decoder blocks' linear weights (what QLoRA quantizes and LoRA's fp8 casts)."""
+    return [math.prod(shape) for name, shape in shapes.items() if ".layers." in f".{name}" and len(shape) == 2]
 
 
 def _checkpointed_blocks(plan: MemoryPlan) -> int:
