@@ -157,6 +157,11 @@ FT_MODES: dict[str, dict[str, Any]] = {
     "compile_fused": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(fused_projections=True)),
     "compile_unfused": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(fused_projections=False)),
     "cuda_graph_unfused": dict(cuda_graphs=True, compile=False, decode_options=DecodeOptions(fused_projections=False)),
+    # Attention as matmuls and one fused masked softmax (SDPA's math backend, compiled).
+    "compile_math_attention": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(attention="math")),
+    # Inductor's coordinate-descent tuning of its generated kernels' launch parameters.
+    "compile_cdt": dict(cuda_graphs=True, compile=True,
+                        decode_options=DecodeOptions(inductor_options=(("coordinate_descent_tuning", True),))),
 }
 
 

@@ -9,6 +9,12 @@ buckets), `--compile-mode` compiles the step in another torch.compile mode (e.g.
 max-autotune-no-cudagraphs): see `ft.generation.DecodeOptions`.
 
     python3 benchmarks/profile_decode.py --batch-size 1 --compile-mode max-autotune-no-cudagraphs --out prof_b1.txt
+
+It also times the captured decode graph replayed alone (the GPU's time per step,
+without the host loop or sampling between steps) and counts the kernels of one
+step (the profiled call's kernels over its steps, the prefill's among them).
+`--attention math` and `--inductor-option coordinate_descent_tuning=True` try the
+decode step's other `DecodeOptions`.
 """
 
 from __future__ import annotations
@@ -42,9 +48,14 @@ def main() -> None:
     parser.add_argument("--arch", default="llama3_2_1b")
     parser.add_argument("--full-cache", action="store_true", help="attend over the whole cache every step")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the decode step")
+    parser.add_argument("--attention", default=None, help="SDPA backend of the decode step (e.g. math)")
+    parser.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a torch.compile option of the decode step (repeatable)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    options = DecodeOptions(windowed=not args.full_cache, compile_mode=args.compile_mode)
+    inductor_options = tuple((key, _literal(value)) for key, value in (o.split("=", 1) for o in args.inductor_option))
+    options = DecodeOptions(windowed=not args.full_cache, compile_mode=args.compile_mode, attention=args.attention,
+                            inductor_options=inductor_options)
     device = torch.device("cuda")
     model = build_model(args.arch, device=device, dtype=torch.bfloat16, seed=0).eval()
     prompts = torch.randint(0, model.config.vocab_size, (args.batch_size, args.prompt_len)).tolist()
@@ -60,16 +71,50 @@ def main() -> None:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         lines.append(f"cuda_graphs={graphs}: {args.batch_size * args.new_tokens / seconds:,.0f} tokens/s "
-                     f"({seconds / args.new_tokens * 1e3:.2f} ms per step incl. prefill)")
-        if not graphs:
+                     f"({seconds / args.new_tokens * 1e3:.2f} ms per step incl. prefill), path {generator._decoder[2].path}")
+        if graphs:
+            lines.append(_replay_alone(generator))
+        else:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 generator(prompts)
                 torch.cuda.synchronize()
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy_us = sum(e.device_time for e in kernels)
+            lines.append(f"kernels per step: {len(kernels) / args.new_tokens:.1f}; GPU busy per step "
+                         f"{busy_us / args.new_tokens / 1e3:.3f} ms (prefill among them)")
             lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=35, max_name_column_width=90))
     text = "\n".join(lines)
     args.out.write_text(text)
     print(text[:6000])
+
+
+def _replay_alone(generator: Generator, steps: int = 200) -> str:
+    """The captured graph of the last window replayed `steps` times, the slot put back
+    before each (one tiny kernel more than a real step)."""
+    _, cache, step = generator._decoder
+    window, (graph, _) = max(step.graphs.items())
+    slot = cache.slot.clone()
+    for _ in range(3):
+        cache.slot.copy_(slot)
+        graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        cache.slot.copy_(slot)
+        graph.replay()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / steps * 1e3
+    return f"graph of the {window}-slot window replayed alone: {ms:.3f} ms per step ({generator.config.batch_size / ms * 1e3:,.0f} tokens/s)"
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 if __name__ == "__main__":

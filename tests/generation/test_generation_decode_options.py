@@ -52,3 +52,26 @@ def test_static_compile_per_bucket_gives_the_eager_tokens():
         pytest.skip("torch.compile is unavailable here (the step fell back to eager, as designed)")
     assert path == "compile"
     assert [s.tokens for s in static] == [e.tokens for e in eager]
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_math_attention_and_inductor_options_give_the_default_tokens(compile):
+    model = tiny_model(seed=4)
+    prompts = random_prompts([8, 3], seed=7)
+    default, _ = _generate(model, prompts, options=DecodeOptions(), max_gen_len=20)
+    options = DecodeOptions(attention="math",
+                            inductor_options=(("coordinate_descent_tuning", True),) if compile else ())
+    other, path = _generate(model, prompts, options=options, compile=compile, max_gen_len=20)
+    if compile and path == "eager":
+        pytest.skip("torch.compile is unavailable here (the step fell back to eager, as designed)")
+    assert path == ("compile" if compile else "eager")
+    assert [o.tokens for o in other] == [d.tokens for d in default]
+    for a, b in zip(other, default):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_a_compile_mode_with_inductor_options_is_refused():
+    from ft.generation.decode_step import compiled_decode_forward
+
+    with pytest.raises(ValueError, match="mode"):
+        compiled_decode_forward("max-autotune", True, (("coordinate_descent_tuning", True),))

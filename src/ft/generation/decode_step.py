@@ -22,8 +22,10 @@ default). Every option gives the same logits up to the kernels' rounding.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +37,20 @@ log = logging.getLogger("ft")
 _WARMUP_STEPS = 3
 
 
-def decode_forward(model: nn.Module, cache: StaticKVCache, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
-    """The model's logits [B, V] after feeding one token per row into `cache`."""
-    return model(tokens_B1, positions_BT=positions_B1, kv_cache=cache)[:, -1]
+def decode_forward(model: nn.Module, cache: StaticKVCache, tokens_B1: Tensor, positions_B1: Tensor,
+                   attention: str | None = None) -> Tensor:
+    """The model's logits [B, V] after feeding one token per row into `cache`;
+    `attention` names the SDPA backend to use (None: SDPA's own choice)."""
+    with _sdpa_backend(attention):
+        return model(tokens_B1, positions_BT=positions_B1, kv_cache=cache)[:, -1]
+
+
+def _sdpa_backend(name: str | None):
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name.upper())])
 
 
 @dataclass(frozen=True)
@@ -54,20 +67,31 @@ class DecodeOptions:
     """While generating, q/k/v and gate/up projections run as one matmul each on
     concatenated weights (`ft.generation.fused_projections`; prefill too); False: one
     matmul per projection, as the model is built."""
+    attention: str | None = None
+    """SDPA backend of the decode step's attention ("math", "efficient_attention",
+    "cudnn_attention", ...; None: SDPA's own choice). Compiled, "math" becomes matmuls
+    and one fused masked softmax that inductor writes."""
+    inductor_options: tuple[tuple[str, Any], ...] = ()
+    """torch.compile `options` for the compiled step (e.g. (("coordinate_descent_tuning",
+    True),)); only without `compile_mode`, which torch.compile does not combine with them."""
 
 
-_compiled_decode_forward: dict[tuple[str | None, bool], object] = {}
+_compiled_decode_forward: dict[tuple[Any, ...], object] = {}
 
 
-def compiled_decode_forward(mode: str | None = None, dynamic_window: bool = True):
+def compiled_decode_forward(mode: str | None = None, dynamic_window: bool = True,
+                            inductor_options: tuple[tuple[str, Any], ...] = ()):
     """`decode_forward` under torch.compile, made once per process, mode and window
     kind: dynamo guards on shapes and dtypes, not on which model or cache, so later
     generators of the same shapes reuse the compiled code instead of compiling again.
     (Each is its own backend, so a static-window step never runs code compiled for a
     dynamic window, nor the other way round.)"""
-    key = (mode, dynamic_window)
+    key = (mode, dynamic_window, inductor_options)
     if key not in _compiled_decode_forward:
-        _compiled_decode_forward[key] = torch.compile(decode_forward, dynamic=False, mode=mode)
+        if inductor_options and mode is not None:
+            raise ValueError(f"torch.compile takes a mode ({mode!r}) or inductor options, not both")
+        options = dict(inductor_options) or None
+        _compiled_decode_forward[key] = torch.compile(decode_forward, dynamic=False, mode=mode, options=options)
     return _compiled_decode_forward[key]
 
 
@@ -97,9 +121,10 @@ class DecodeStep:
         self.path = "eager"
         if compile:
             dynamic = options.windowed and options.dynamic_window
-            compiled = compiled_decode_forward(options.compile_mode, dynamic)
+            compiled = compiled_decode_forward(options.compile_mode, dynamic, options.inductor_options)
             self.forward = lambda tokens_B1, positions_B1: compiled(
-                self.model, _dynamic_window(self.cache) if dynamic else self.cache, tokens_B1, positions_B1)
+                self.model, _dynamic_window(self.cache) if dynamic else self.cache, tokens_B1, positions_B1,
+                options.attention)
             self.path = "compile"
         # Per window length: its captured graph and the static logits buffer it writes.
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -107,7 +132,7 @@ class DecodeStep:
         self._positions_B1: Tensor | None = None
 
     def _eager_forward(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
-        return decode_forward(self.model, self.cache, tokens_B1, positions_B1)
+        return decode_forward(self.model, self.cache, tokens_B1, positions_B1, self.options.attention)
 
     def __call__(self, tokens_B1: Tensor, positions_B1: Tensor) -> Tensor:
         cache = self.cache
