@@ -59,7 +59,14 @@ def main() -> None:
     device = torch.device("cuda")
     model = build_model(args.arch, device=device, dtype=torch.bfloat16, seed=0).eval()
     prompts = torch.randint(0, model.config.vocab_size, (args.batch_size, args.prompt_len)).tolist()
-    lines = [f"batch {args.batch_size}, {args.prompt_len} + {args.new_tokens} tokens, {options}"]
+    lines: list[str] = []
+
+    def report(line: str) -> None:  # as it comes, so that a later failure keeps it
+        report(line)
+        print(line, flush=True)
+        args.out.write_text("\n".join(lines) + "\n")
+
+    report(f"batch {args.batch_size}, {args.prompt_len} + {args.new_tokens} tokens, {options}")
     for graphs in (True, False):
         config = GeneratorConfig(greedy=True, max_gen_len=args.new_tokens, batch_size=args.batch_size,
                                  cuda_graphs=graphs, compile=True)
@@ -70,25 +77,23 @@ def main() -> None:
         generator(prompts)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        lines.append(f"cuda_graphs={graphs}: {args.batch_size * args.new_tokens / seconds:,.0f} tokens/s "
+        report(f"cuda_graphs={graphs}: {args.batch_size * args.new_tokens / seconds:,.0f} tokens/s "
                      f"({seconds / args.new_tokens * 1e3:.2f} ms per step incl. prefill), path {generator._decoder[2].path}")
         if graphs:
-            lines.append(_replay_alone(generator))
+            report(_replay_alone(generator))
         else:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 generator(prompts)
                 torch.cuda.synchronize()
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            busy_us = sum(e.device_time for e in kernels)
-            lines.append(f"kernels per step: {len(kernels) / args.new_tokens:.1f}; GPU busy per step "
+            busy_us = sum(e.device_time_total for e in kernels)
+            report(f"kernels per step: {len(kernels) / args.new_tokens:.1f}; GPU busy per step "
                          f"{busy_us / args.new_tokens / 1e3:.3f} ms (prefill among them)")
-            lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=35, max_name_column_width=90))
-    text = "\n".join(lines)
-    args.out.write_text(text)
-    print(text[:6000])
+            report(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=35, max_name_column_width=90))
 
 
+@torch.inference_mode()  # the cache's tensors are inference tensors
 def _replay_alone(generator: Generator, steps: int = 200) -> str:
     """The captured graph of the last window replayed `steps` times, the slot put back
     before each (one tiny kernel more than a real step)."""
