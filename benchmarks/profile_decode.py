@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--arch", default="llama3_2_1b")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test (no graphs, float32)")
     parser.add_argument("--full-cache", action="store_true", help="attend over the whole cache every step")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the decode step")
     parser.add_argument("--attention", default=None, help="SDPA backend of the decode step (e.g. math)")
@@ -56,13 +57,14 @@ def main() -> None:
     inductor_options = tuple((key, _literal(value)) for key, value in (o.split("=", 1) for o in args.inductor_option))
     options = DecodeOptions(windowed=not args.full_cache, compile_mode=args.compile_mode, attention=args.attention,
                             inductor_options=inductor_options)
-    device = torch.device("cuda")
-    model = build_model(args.arch, device=device, dtype=torch.bfloat16, seed=0).eval()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(args.arch, device=device, dtype=dtype, seed=0).eval()
     prompts = torch.randint(0, model.config.vocab_size, (args.batch_size, args.prompt_len)).tolist()
     lines: list[str] = []
 
     def report(line: str) -> None:  # as it comes, so that a later failure keeps it
-        report(line)
+        lines.append(line)
         print(line, flush=True)
         args.out.write_text("\n".join(lines) + "\n")
 
@@ -72,10 +74,10 @@ def main() -> None:
                                  cuda_graphs=graphs, compile=True)
         generator = Generator(model, _Tokenizer(), config, stop_ids=(), decode_options=options)
         generator(prompts)  # warm-up: compile, capture
-        torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         generator(prompts)
-        torch.cuda.synchronize()
+        _sync(device)
         seconds = time.perf_counter() - start
         report(f"cuda_graphs={graphs}: {args.batch_size * args.new_tokens / seconds:,.0f} tokens/s "
                      f"({seconds / args.new_tokens * 1e3:.2f} ms per step incl. prefill), path {generator._decoder[2].path}")
@@ -85,7 +87,7 @@ def main() -> None:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 generator(prompts)
-                torch.cuda.synchronize()
+                _sync(device)
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             busy_us = sum(e.device_time_total for e in kernels)
             report(f"kernels per step: {len(kernels) / args.new_tokens:.1f}; GPU busy per step "
@@ -98,6 +100,8 @@ def _replay_alone(generator: Generator, steps: int = 200) -> str:
     """The captured graph of the last window replayed `steps` times, the slot put back
     before each (one tiny kernel more than a real step)."""
     _, cache, step = generator._decoder
+    if not step.graphs:
+        return "no graph was captured (not on CUDA, or the capture failed)"
     window, (graph, _) = max(step.graphs.items())
     slot = cache.slot.clone()
     for _ in range(3):
@@ -111,6 +115,11 @@ def _replay_alone(generator: Generator, steps: int = 200) -> str:
     torch.cuda.synchronize()
     ms = (time.perf_counter() - start) / steps * 1e3
     return f"graph of the {window}-slot window replayed alone: {ms:.3f} ms per step ({generator.config.batch_size / ms * 1e3:,.0f} tokens/s)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _literal(text: str):
