@@ -214,3 +214,17 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ConfigError, match="generator_config.beam_size"):
         generate(model, IdTokenizer(), [[1, 2]], GeneratorConfig(beam_size=0))
     assert generate(model, IdTokenizer(), [], greedy()) == []
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_pick_and_score_gives_each_token_its_log_softmax(greedy):
+    from ft.generation.sampling import TokenSampler
+
+    logits_BV = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 4
+    sampler = TokenSampler(greedy=greedy, temperature=0.7, top_k=5, top_p=1.0, seed=1, device=torch.device("cpu"))
+    next_B, logprob_B = sampler.pick_and_score(logits_BV, compile=True)  # compile is for CUDA: eager here
+    if greedy:
+        assert next_B.tolist() == logits_BV.argmax(-1).tolist()
+    expected_B = torch.log_softmax(logits_BV.float(), dim=-1).gather(1, next_B[:, None]).squeeze(1)
+    assert logprob_B.dtype == torch.float32
+    torch.testing.assert_close(logprob_B, expected_B, atol=1e-5, rtol=1e-5)

@@ -233,8 +233,7 @@ def _sampling_batch(
     lengths_B = torch.zeros(B, dtype=torch.long, device=device)
     reported_tokens = 0
     for t in range(L):
-        next_B = sampler(logits_BV)
-        logprob_B = torch.log_softmax(logits_BV.float(), dim=-1).gather(1, next_B[:, None]).squeeze(1)
+        next_B, logprob_B = sampler.pick_and_score(logits_BV, compile=config.compile)
         active_B = ~done_B
         next_B = next_B.masked_fill(done_B, 0)
         tokens_BL[:, t] = next_B

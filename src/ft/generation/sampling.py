@@ -7,8 +7,12 @@ can run ahead of the GPU.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
+
+log = logging.getLogger("ft")
 
 # Tokens `top_p` looks at before it falls back to sorting the whole vocabulary.
 NUCLEUS_CANDIDATES = 1024
@@ -17,6 +21,42 @@ NUCLEUS_CANDIDATES = 1024
 def greedy_next(logits_BV: Tensor) -> Tensor:
     """The most likely token of each row [B]."""
     return logits_BV.argmax(dim=-1)
+
+
+def token_logprobs(logits_BV: Tensor, tokens_B: Tensor) -> Tensor:
+    """log p(tokens_B) under softmax(logits_BV) in float32 [B]: the token's logit minus
+    the row's logsumexp, without materialising a float32 copy of the logits when
+    compiled (`pick_and_score`)."""
+    chosen_B = logits_BV.gather(1, tokens_B[:, None]).squeeze(1).float()
+    return chosen_B - torch.logsumexp(logits_BV.float(), dim=-1)
+
+
+def _greedy_and_logprobs(logits_BV: Tensor) -> tuple[Tensor, Tensor]:
+    next_B = greedy_next(logits_BV)
+    return next_B, token_logprobs(logits_BV, next_B)
+
+
+_compiled: dict[str, object] = {}
+
+
+def _on_cuda_compiled(name: str, fn):
+    """`fn` under torch.compile, made once per process; `fn` itself once compiling has
+    failed (e.g. no compiler toolchain), with a warning. Over a 128k vocabulary, eager
+    argmax and log_softmax run one block per row: at batch 1 they took 65 us a token
+    on an H100, against a 1.4 ms decode step; inductor splits the reductions."""
+    if name not in _compiled:
+        compiled = torch.compile(fn, dynamic=False)
+
+        def run(*args):
+            try:
+                return compiled(*args)
+            except Exception as error:
+                log.warning("the compiled %s token picker failed, running it eagerly: %s", name, error)
+                _compiled[name] = fn
+                return fn(*args)
+
+        _compiled[name] = run
+    return _compiled[name]
 
 
 def filter_logits(logits_BV: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -128,3 +168,16 @@ class TokenSampler:
         return sample_next(
             logits_BV, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=self.generator
         )
+
+    def pick_and_score(self, logits_BV: Tensor, *, compile: bool = False) -> tuple[Tensor, Tensor]:
+        """(next tokens [B], their float32 log-probabilities under the unfiltered
+        temperature-1 distribution [B]). `compile` (CUDA only): greedy picking and
+        scoring run as one compiled function, the scoring alone after sampling."""
+        compile = compile and logits_BV.is_cuda
+        if self.greedy:
+            if compile:
+                return _on_cuda_compiled("greedy", _greedy_and_logprobs)(logits_BV)
+            return _greedy_and_logprobs(logits_BV)
+        next_B = self(logits_BV)
+        score = _on_cuda_compiled("score", token_logprobs) if compile else token_logprobs
+        return next_B, score(logits_BV, next_B)
