@@ -19,7 +19,9 @@ the whole static cache every step (the path before window buckets),
 "compile_static_buckets" compiles each window bucket with its static length, and
 "compile_autotune" compiles with mode="max-autotune-no-cudagraphs" (autotuned
 Triton matmuls for the skinny decode GEMMs) inside ft's own CUDA graphs;
-"compile_fused" (the default, as "compile") and "compile_unfused" /
+"compile_math_attention" runs attention through SDPA's math backend (compiled:
+matmuls and one fused masked softmax), "compile_cdt" with inductor's
+coordinate-descent tuning; "compile_fused" (the default, as "compile") and "compile_unfused" /
 "cuda_graph_unfused" run q/k/v and gate/up as one matmul each or one per
 projection (`ft.generation.fused_projections`).
 

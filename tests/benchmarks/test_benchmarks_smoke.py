@@ -135,3 +135,14 @@ def test_fsdp_throughput_two_gloo_processes(tmp_path):
 def test_run_all_gpu_script_parses():
     proc = subprocess.run(["bash", "-n", str(BENCH / "run_all_gpu.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_profile_decode_reports_the_step_on_cpu(tmp_path):
+    out = tmp_path / "prof.txt"
+    _run([sys.executable, str(BENCH / "profile_decode.py"), "--device", "cpu", "--arch", "llama_debug",
+          "--batch-size", "2", "--prompt-len", "8", "--new-tokens", "4", "--attention", "math",
+          "--inductor-option", "coordinate_descent_tuning=True", "--out", str(out)], tmp_path, timeout=300)
+    text = out.read_text()
+    assert "attention='math'" in text and "('coordinate_descent_tuning', True)" in text
+    assert "cuda_graphs=True:" in text and "cuda_graphs=False:" in text
+    assert "no graph was captured" in text and "kernels per step" in text
