@@ -228,3 +228,22 @@ def test_pick_and_score_gives_each_token_its_log_softmax(greedy):
     expected_B = torch.log_softmax(logits_BV.float(), dim=-1).gather(1, next_B[:, None]).squeeze(1)
     assert logprob_B.dtype == torch.float32
     torch.testing.assert_close(logprob_B, expected_B, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_compiled_picker_falls_back_to_eager(monkeypatch, caplog):
+    from ft.generation import sampling
+
+    def broken_compile(fn, **kwargs):
+        def fails(*args):
+            raise RuntimeError("no compiler here")
+        return fails
+
+    monkeypatch.setattr(sampling, "_compiled", {})
+    monkeypatch.setattr(sampling.torch, "compile", broken_compile)
+    logits_BV = torch.randn(2, 30)
+    picker = sampling._on_cuda_compiled("greedy", sampling._greedy_and_logprobs)
+    with caplog.at_level("WARNING", logger="ft"):
+        next_B, logprob_B = picker(logits_BV)
+    assert "running it eagerly" in caplog.text
+    assert next_B.tolist() == logits_BV.argmax(-1).tolist()
+    assert sampling._compiled["greedy"] is sampling._greedy_and_logprobs  # no second attempt
