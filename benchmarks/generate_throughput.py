@@ -20,8 +20,11 @@ the whole static cache every step (the path before window buckets),
 "compile_autotune" compiles with mode="max-autotune-no-cudagraphs" (autotuned
 Triton matmuls for the skinny decode GEMMs) inside ft's own CUDA graphs;
 "compile_math_attention" runs attention through SDPA's math backend (compiled:
-matmuls and one fused masked softmax), "compile_cdt" with inductor's
-coordinate-descent tuning; "compile_fused" (the default, as "compile") and "compile_unfused" /
+matmuls and one fused masked softmax), "compile_efficient_attention" through its
+memory-efficient kernel, "compile_cdt" with inductor's
+coordinate-descent tuning (which also turns one-row matmuls into reductions that
+inductor writes); "compile_pick_outside" and "compile_cdt_pick_outside" pick the
+greedy token after the captured step (before picking moved inside it); "compile_fused" (the default, as "compile") and "compile_unfused" /
 "cuda_graph_unfused" run q/k/v and gate/up as one matmul each or one per
 projection (`ft.generation.fused_projections`).
 
@@ -161,9 +164,17 @@ FT_MODES: dict[str, dict[str, Any]] = {
     "cuda_graph_unfused": dict(cuda_graphs=True, compile=False, decode_options=DecodeOptions(fused_projections=False)),
     # Attention as matmuls and one fused masked softmax (SDPA's math backend, compiled).
     "compile_math_attention": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(attention="math")),
+    # SDPA's memory-efficient kernel instead of its own choice (cuDNN's on Hopper).
+    "compile_efficient_attention": dict(cuda_graphs=True, compile=True,
+                                        decode_options=DecodeOptions(attention="efficient_attention")),
     # Inductor's coordinate-descent tuning of its generated kernels' launch parameters.
     "compile_cdt": dict(cuda_graphs=True, compile=True,
                         decode_options=DecodeOptions(inductor_options=(("coordinate_descent_tuning", True),))),
+    # Greedy picking and the loop's bookkeeping after the captured step, launched by the
+    # host every token (before they moved inside the step).
+    "compile_pick_outside": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(pick_in_step=False)),
+    "compile_cdt_pick_outside": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(
+        inductor_options=(("coordinate_descent_tuning", True),), pick_in_step=False)),
 }
 
 

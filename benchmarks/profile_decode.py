@@ -13,8 +13,9 @@ max-autotune-no-cudagraphs): see `ft.generation.DecodeOptions`.
 It also times the captured decode graph replayed alone (the GPU's time per step,
 without the host loop or sampling between steps) and counts the kernels of one
 step (the profiled call's kernels over its steps, the prefill's among them).
-`--attention math` and `--inductor-option coordinate_descent_tuning=True` try the
-decode step's other `DecodeOptions`.
+`--attention math`, `--inductor-option coordinate_descent_tuning=True` and
+`--pick-outside` (greedy picking after the step, not inside it) try the decode
+step's other `DecodeOptions`.
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ def main() -> None:
     parser.add_argument("--attention", default=None, help="SDPA backend of the decode step (e.g. math)")
     parser.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a torch.compile option of the decode step (repeatable)")
+    parser.add_argument("--pick-outside", action="store_true", help="greedy picking after the step, not inside it")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     inductor_options = tuple((key, _literal(value)) for key, value in (o.split("=", 1) for o in args.inductor_option))
     options = DecodeOptions(windowed=not args.full_cache, compile_mode=args.compile_mode, attention=args.attention,
-                            inductor_options=inductor_options)
+                            inductor_options=inductor_options, pick_in_step=not args.pick_outside)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(args.arch, device=device, dtype=dtype, seed=0).eval()
@@ -97,24 +99,35 @@ def main() -> None:
 
 @torch.inference_mode()  # the cache's tensors are inference tensors
 def _replay_alone(generator: Generator, steps: int = 200) -> str:
-    """The captured graph of the last window replayed `steps` times, the slot put back
-    before each (one tiny kernel more than a real step)."""
+    """The captured graph of the last window replayed `steps` times, the slot (and the
+    greedy step's column) put back before each: one or two tiny kernels more than a
+    real step. The greedy graph (forward, pick, bookkeeping) when there is one."""
     _, cache, step = generator._decoder
-    if not step.graphs:
+    graphs = step.greedy_graphs or {window: graph for window, (graph, _) in step.graphs.items()}
+    if not graphs:
         return "no graph was captured (not on CUDA, or the capture failed)"
-    window, (graph, _) = max(step.graphs.items())
-    slot = cache.slot.clone()
-    for _ in range(3):
-        cache.slot.copy_(slot)
+    window, graph = max(graphs.items())
+    kind = "greedy step (forward, pick, bookkeeping)" if step.greedy_graphs else "forward"
+    state = generator._greedy_state
+    put_back = [(cache.slot, cache.slot.clone())]
+    if step.greedy_graphs and state is not None:
+        state.t.fill_(generator.config.max_gen_len // 2)
+        put_back.append((state.t, state.t.clone()))
+
+    def replay() -> None:
+        for tensor, value in put_back:
+            tensor.copy_(value)
         graph.replay()
+
+    for _ in range(3):
+        replay()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        cache.slot.copy_(slot)
-        graph.replay()
+        replay()
     torch.cuda.synchronize()
     ms = (time.perf_counter() - start) / steps * 1e3
-    return f"graph of the {window}-slot window replayed alone: {ms:.3f} ms per step ({generator.config.batch_size / ms * 1e3:,.0f} tokens/s)"
+    return f"graph of the {window}-slot window, {kind}, replayed alone: {ms:.3f} ms per step ({generator.config.batch_size / ms * 1e3:,.0f} tokens/s)"
 
 
 def _sync(device: torch.device) -> None:

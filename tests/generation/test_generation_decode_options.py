@@ -75,3 +75,47 @@ def test_a_compile_mode_with_inductor_options_is_refused():
 
     with pytest.raises(ValueError, match="mode"):
         compiled_decode_forward("max-autotune", True, (("coordinate_descent_tuning", True),))
+
+
+def _greedy(model, prompts, *, pick_in_step: bool, compile: bool, stop_ids, batch_size: int, max_gen_len: int = 24):
+    config = GeneratorConfig(greedy=True, max_gen_len=max_gen_len, batch_size=batch_size, compile=compile)
+    stats = GenerateStats()
+    generator = Generator(model, IdTokenizer(stop_ids=stop_ids), config,
+                          decode_options=DecodeOptions(pick_in_step=pick_in_step))
+    return generator(prompts, stats=stats), stats.decode_path
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_picking_inside_the_step_gives_the_tokens_of_picking_after_it(compile, caplog):
+    model = tiny_model(seed=8)
+    # Five prompts in batches of 3: the second batch has a dummy row.
+    prompts = random_prompts([6, 2, 9, 4, 3], seed=9)
+    free, _ = _greedy(model, prompts, pick_in_step=False, compile=False, stop_ids=(), batch_size=3)
+    # A stop id the first prompt picks by its 6th token: rows stop at different steps.
+    stop = free[0].tokens[5]
+    first_stop = free[0].tokens.index(stop) + 1
+    after, _ = _greedy(model, prompts, pick_in_step=False, compile=False, stop_ids=(stop,), batch_size=3)
+    with caplog.at_level("WARNING", logger="ft"):
+        inside, path = _greedy(model, prompts, pick_in_step=True, compile=compile, stop_ids=(stop,), batch_size=3)
+    if compile and path == "eager":
+        pytest.skip("torch.compile is unavailable here (the step fell back to eager, as designed)")
+    assert path == ("compile" if compile else "eager")
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+    assert {a.finish_reason for a in after} == {"stop", "length"}
+    assert [i.tokens for i in inside] == [a.tokens for a in after]
+    assert [i.finish_reason for i in inside] == [a.finish_reason for a in after]
+    assert inside[0].tokens == free[0].tokens[:first_stop]
+    for a, b in zip(inside, after):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_a_generator_reuses_its_greedy_state_across_calls():
+    model = tiny_model(seed=8)
+    prompts = random_prompts([5, 7], seed=3)
+    config = GeneratorConfig(greedy=True, max_gen_len=12, batch_size=2)
+    generator = Generator(model, IdTokenizer(stop_ids=()), config)
+    first = generator(prompts)
+    state = generator._greedy_state
+    second = generator(prompts)
+    assert generator._greedy_state is state
+    assert [f.tokens for f in first] == [s.tokens for s in second]

@@ -241,9 +241,9 @@ def test_a_failing_compiled_picker_falls_back_to_eager(monkeypatch, caplog):
     monkeypatch.setattr(sampling, "_compiled", {})
     monkeypatch.setattr(sampling.torch, "compile", broken_compile)
     logits_BV = torch.randn(2, 30)
-    picker = sampling._on_cuda_compiled("greedy", sampling._greedy_and_logprobs)
+    picker = sampling._on_cuda_compiled("greedy", sampling.greedy_and_logprobs)
     with caplog.at_level("WARNING", logger="ft"):
         next_B, logprob_B = picker(logits_BV)
     assert "running it eagerly" in caplog.text
     assert next_B.tolist() == logits_BV.argmax(-1).tolist()
-    assert sampling._compiled["greedy"] is sampling._greedy_and_logprobs  # no second attempt
+    assert sampling._compiled["greedy"] is sampling.greedy_and_logprobs  # no second attempt

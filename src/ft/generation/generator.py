@@ -28,6 +28,7 @@ from ft.generation.cache import StaticKVCache
 from ft.generation.decode_step import DecodeOptions, DecodeStep
 from ft.generation.fused_projections import fused_projections
 from ft.generation.generator_config import GeneratorConfig
+from ft.generation.greedy_loop import GreedyLoopState
 from ft.generation.sampling import TokenSampler
 
 log = logging.getLogger("ft")
@@ -85,6 +86,7 @@ class Generator:
         self.stop_ids = list(tokenizer.stop_ids if stop_ids is None else stop_ids)
         self.device = model.model.embed_tokens.weight.device
         self._decoder: tuple[tuple[int, int], StaticKVCache, DecodeStep] | None = None
+        self._greedy_state: GreedyLoopState | None = None
 
     def _decoder_for(self, rows: int, max_len: int) -> tuple[StaticKVCache, DecodeStep]:
         if self._decoder is None or self._decoder[0] != (rows, max_len):
@@ -94,6 +96,14 @@ class Generator:
                               options=self.decode_options)
             self._decoder = ((rows, max_len), cache, step)
         return self._decoder[1], self._decoder[2]
+
+    def _greedy_state_for(self, rows: int) -> GreedyLoopState:
+        """One state for every batch and call of these shapes: captured greedy graphs hold its tensors."""
+        state = self._greedy_state
+        if state is None or not state.matches(rows, self.config.max_gen_len, self.stop_ids):
+            state = GreedyLoopState.allocate(rows, self.config.max_gen_len, self.stop_ids, self.device)
+            self._greedy_state = state
+        return state
 
     @torch.inference_mode()
     def __call__(
@@ -150,6 +160,9 @@ class Generator:
             batch_prompts = [prompt_ids[i] for i in batch_index]
             if beam > 1:
                 outputs = _beam_batch(self.model, cache, step, batch_prompts, config, set(self.stop_ids), progress)
+            elif sampler.greedy and self.decode_options.pick_in_step:
+                state = self._greedy_state_for(cache.batch_size)
+                outputs = _greedy_batch(self.model, cache, step, state, batch_prompts, config, self.stop_ids, progress)
             else:
                 outputs = _sampling_batch(self.model, cache, step, sampler, batch_prompts, config, self.stop_ids, progress)
             for i, (tokens, logprobs, score, reason) in zip(batch_index, outputs):
@@ -252,17 +265,51 @@ def _sampling_batch(
         logits_BV = step(next_B[:, None], positions_B1)
         positions_B1 = positions_B1 + 1
 
+    return _batch_outputs(len(prompts), tokens_BL, logprobs_BL, lengths_B, stop_ids, progress, reported_tokens)
+
+
+def _greedy_batch(
+    model: nn.Module,
+    cache: StaticKVCache,
+    step: DecodeStep,
+    state: GreedyLoopState,
+    prompts: list[list[int]],
+    config: GeneratorConfig,
+    stop_ids: list[int],
+    progress: ProgressCallback | None,
+) -> list[tuple[list[int], list[float], float, str]]:
+    """`_sampling_batch` for greedy decoding, each step's pick and bookkeeping inside
+    the step (`DecodeStep.greedy`): the same tokens, one graph replay per token."""
+    logits_BV, positions_B1, real_B = prefill(model, cache, prompts, 1)
+    state.start(logits_BV, positions_B1, real_B)
+    reported_tokens = 0
+    for t in range(1, config.max_gen_len):
+        if t % SYNC_EVERY_N_STEPS == 0:
+            all_done, num_tokens = torch.stack([state.done_B.all().long(), state.lengths_B.sum()]).tolist()
+            if progress is not None:
+                progress(0, num_tokens - reported_tokens)
+            reported_tokens = num_tokens
+            if all_done:
+                break
+        step.greedy(state)
+    return _batch_outputs(len(prompts), state.tokens_BL, state.logprobs_BL, state.lengths_B, stop_ids, progress,
+                          reported_tokens)
+
+
+def _batch_outputs(num_prompts: int, tokens_BL: Tensor, logprobs_BL: Tensor, lengths_B: Tensor, stop_ids: list[int],
+                   progress: ProgressCallback | None, reported_tokens: int) -> list[tuple[list[int], list[float], float, str]]:
+    """(tokens, logprobs, score, finish reason) of the batch's real rows."""
     lengths = lengths_B.tolist()
     tokens, logprobs = tokens_BL.tolist(), logprobs_BL.tolist()
     stops = set(stop_ids)
     outputs = []
-    for b in range(len(prompts)):
+    for b in range(num_prompts):
         n = lengths[b]
         row_tokens, row_logprobs = tokens[b][:n], logprobs[b][:n]
         reason = "stop" if n and row_tokens[-1] in stops else "length"
         outputs.append((row_tokens, row_logprobs, math.fsum(row_logprobs), reason))
     if progress is not None:
-        progress(len(prompts), sum(lengths) - reported_tokens)
+        progress(num_prompts, sum(lengths[:num_prompts]) - reported_tokens)
     return outputs
 
 

@@ -31,7 +31,7 @@ def token_logprobs(logits_BV: Tensor, tokens_B: Tensor) -> Tensor:
     return chosen_B - torch.logsumexp(logits_BV.float(), dim=-1)
 
 
-def _greedy_and_logprobs(logits_BV: Tensor) -> tuple[Tensor, Tensor]:
+def greedy_and_logprobs(logits_BV: Tensor) -> tuple[Tensor, Tensor]:
     next_B = greedy_next(logits_BV)
     return next_B, token_logprobs(logits_BV, next_B)
 
@@ -176,8 +176,8 @@ class TokenSampler:
         compile = compile and logits_BV.is_cuda
         if self.greedy:
             if compile:
-                return _on_cuda_compiled("greedy", _greedy_and_logprobs)(logits_BV)
-            return _greedy_and_logprobs(logits_BV)
+                return _on_cuda_compiled("greedy", greedy_and_logprobs)(logits_BV)
+            return greedy_and_logprobs(logits_BV)
         next_B = self(logits_BV)
         score = _on_cuda_compiled("score", token_logprobs) if compile else token_logprobs
         return next_B, score(logits_BV, next_B)
