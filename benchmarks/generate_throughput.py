@@ -21,7 +21,8 @@ the whole static cache every step (the path before window buckets),
 Triton matmuls for the skinny decode GEMMs) inside ft's own CUDA graphs;
 "compile_math_attention" runs attention through SDPA's math backend (compiled:
 matmuls and one fused masked softmax), "compile_efficient_attention" through its
-memory-efficient kernel, "compile_cdt" with inductor's
+memory-efficient kernel, "compile_flex_attention" through FlexAttention's decoding
+kernel, "compile_cdt" with inductor's
 coordinate-descent tuning (which also turns one-row matmuls into reductions that
 inductor writes); "compile_pick_outside" and "compile_cdt_pick_outside" pick the
 greedy token after the captured step (before picking moved inside it); "compile_fused" (the default, as "compile") and "compile_unfused" /
@@ -167,6 +168,8 @@ FT_MODES: dict[str, dict[str, Any]] = {
     # SDPA's memory-efficient kernel instead of its own choice (cuDNN's on Hopper).
     "compile_efficient_attention": dict(cuda_graphs=True, compile=True,
                                         decode_options=DecodeOptions(attention="efficient_attention")),
+    # FlexAttention's decoding kernel (keys split over thread blocks) instead of SDPA.
+    "compile_flex_attention": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(attention="flex")),
     # Inductor's coordinate-descent tuning of its generated kernels' launch parameters.
     "compile_cdt": dict(cuda_graphs=True, compile=True,
                         decode_options=DecodeOptions(inductor_options=(("coordinate_descent_tuning", True),))),

@@ -119,3 +119,29 @@ def test_a_generator_reuses_its_greedy_state_across_calls():
     second = generator(prompts)
     assert generator._greedy_state is state
     assert [f.tokens for f in first] == [s.tokens for s in second]
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_flex_decoding_gives_the_default_tokens(compile):
+    model = tiny_model(seed=4)
+    prompts = random_prompts([8, 3, 5], seed=2)
+    default, _ = _generate(model, prompts, options=DecodeOptions(), max_gen_len=20)
+    flex, path = _generate(model, prompts, options=DecodeOptions(attention="flex"), compile=compile, max_gen_len=20)
+    if compile and path == "eager":
+        pytest.skip("torch.compile is unavailable here (the step fell back to eager, as designed)")
+    assert path == ("compile" if compile else "eager")
+    assert [f.tokens for f in flex] == [d.tokens for d in default]
+    for a, b in zip(flex, default):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_flex_decoding_hands_the_model_a_key_mask_for_one_new_token_only():
+    from ft.models.llama.model import FlexKeyMask
+
+    model = tiny_model()
+    cache = StaticKVCache(model, batch_size=2, max_len=32)
+    DecodeStep(model, cache, cuda_graph=False, compile=False, options=DecodeOptions(attention="flex"))
+    cache.reset(torch.ones(2, 4, dtype=torch.bool))
+    assert isinstance(cache.attention_mask(4), torch.Tensor)  # the prefill stays on SDPA
+    mask = cache.attention_mask(1)
+    assert isinstance(mask, FlexKeyMask) and mask.allowed_BTS.shape == (2, 1, 32)

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ft.models.llama.model import FlexKeyMask
+
 MAX_BUCKETS = 8
 _ALIGN = 16
 
@@ -55,6 +57,9 @@ class StaticKVCache:
         """The slot the next token goes to, on the host (`slot` without a sync): set by
         `reset` for the prefill, advanced by `DecodeStep`."""
         self._bucket = max(_ALIGN, -(-max_len // (MAX_BUCKETS * _ALIGN)) * _ALIGN)
+        self.flex_decode = False
+        """Decoding steps (one new token) attend through FlexAttention's decoding kernel
+        (the mask as a `FlexKeyMask`) instead of SDPA; prefill stays on SDPA."""
 
     @property
     def batch_size(self) -> int:
@@ -105,14 +110,18 @@ class StaticKVCache:
         self.k = [torch.zeros(shape, device=device, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=self.dtype) for _ in range(self.n_layers)]
 
-    def attention_mask(self, num_new: int) -> Tensor:
-        """[B, 1, T, window_len]: causal over the filled slots, minus left padding."""
+    def attention_mask(self, num_new: int) -> Tensor | FlexKeyMask:
+        """[B, 1, T, window_len]: causal over the filled slots, minus left padding (for a
+        decoding step under `flex_decode`: the same, [B, T, window_len], as a `FlexKeyMask`)."""
         q_slot_T1 = (self.slot + self._slots_S[:num_new])[:, None]
         k_slot_1S = self.window_S[None, :]
         causal_TS = k_slot_1S <= q_slot_T1
         own_TS = k_slot_1S == q_slot_T1  # a padding query sees itself, so its row stays finite
         valid_B1S = self.valid_BS.narrow(1, 0, self.window_S.shape[0])[:, None, :]
-        return (causal_TS[None] & (valid_B1S | own_TS[None]))[:, None]
+        allowed_BTS = causal_TS[None] & (valid_B1S | own_TS[None])
+        if self.flex_decode and num_new == 1:
+            return FlexKeyMask(allowed_BTS)
+        return allowed_BTS[:, None]
 
     def advance(self, num_new: int) -> None:
         self.slot.add_(num_new)

@@ -42,6 +42,7 @@ from ft.generation.sampling import greedy_and_logprobs
 log = logging.getLogger("ft")
 
 _WARMUP_STEPS = 3
+FLEX = "flex"
 
 
 def decode_forward(model: nn.Module, cache: StaticKVCache, tokens_B1: Tensor, positions_B1: Tensor,
@@ -64,7 +65,7 @@ def greedy_decode_forward(model: nn.Module, cache: StaticKVCache, tokens_B1: Ten
 
 
 def _sdpa_backend(name: str | None):
-    if name is None:
+    if name is None or name == FLEX:  # flex: the cache hands the model a FlexKeyMask
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -88,7 +89,8 @@ class DecodeOptions:
     attention: str | None = None
     """SDPA backend of the decode step's attention ("math", "efficient_attention",
     "cudnn_attention", ...; None: SDPA's own choice). Compiled, "math" becomes matmuls
-    and one fused masked softmax that inductor writes."""
+    and one fused masked softmax that inductor writes. "flex": FlexAttention's decoding
+    kernel instead of SDPA (`StaticKVCache.flex_decode`; the key mask as a score_mod)."""
     inductor_options: tuple[tuple[str, Any], ...] = ()
     """torch.compile `options` for the compiled step (e.g. (("coordinate_descent_tuning",
     True),)); only without `compile_mode`, which torch.compile does not combine with them."""
@@ -139,6 +141,7 @@ class DecodeStep:
         self.model = model
         self.cache = cache
         self.options = options
+        cache.flex_decode = options.attention == FLEX
         is_cuda = cache.valid_BS.is_cuda
         self.want_graph = cuda_graph and is_cuda
         self.forward = self._eager_forward

@@ -242,25 +242,46 @@ def apply_rope(x_BNTH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor:
 
 
 # An attention mask: None (plain causal), a boolean SDPA mask [B, 1, T, S] (True =
-# attend), or a FlexAttention BlockMask.
+# attend), a FlexAttention BlockMask, or a `FlexKeyMask`.
 AttentionMask = Any
+
+
+@dataclass(frozen=True)
+class FlexKeyMask:
+    """A boolean mask [B, T, S] (True = attend) applied by FlexAttention as a score_mod.
+    For decoding: with one query row against a cache, FlexAttention runs its decoding
+    kernel, which splits the keys over thread blocks and reads each KV head once."""
+
+    allowed_BTS: Tensor
+
+    def score_mod(self):
+        allowed_BTS = self.allowed_BTS
+
+        def hide_masked(score, b, h, q_idx, kv_idx):
+            return torch.where(allowed_BTS[b, q_idx, kv_idx], score, float("-inf"))
+
+        return hide_masked
+
 
 _compiled_flex_attention = None
 
 
-def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: Any) -> Tensor:
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
+    kwargs = dict(score_mod=mask.score_mod()) if isinstance(mask, FlexKeyMask) else dict(block_mask=mask)
     if torch.compiler.is_compiling():
         # In a compiled block: traced into the block's graph. Creating the compiled function
         # here would be a side effect in the trace; inside a checkpointed block that made
         # dynamo run the whole block eagerly (every matmul, forward and recompute).
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+        return flex_attention(q, k, v, enable_gqa=True, **kwargs)
+    if not q.is_cuda and isinstance(mask, FlexKeyMask):
+        return flex_attention(q, k, v, enable_gqa=True, **kwargs)  # eager reference path off the GPU
     global _compiled_flex_attention
     if _compiled_flex_attention is None:
         # Uncompiled flex_attention is a slow reference path; compiled it is a fused kernel.
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return _compiled_flex_attention(q, k, v, enable_gqa=True, **kwargs)
 
 
 def _masked_sdpa(q_BNTH: Tensor, k_BKSH: Tensor, v_BKSH: Tensor, mask_B1TS: Tensor) -> Tensor:
