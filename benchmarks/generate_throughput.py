@@ -173,6 +173,9 @@ FT_MODES: dict[str, dict[str, Any]] = {
     # Inductor's coordinate-descent tuning of its generated kernels' launch parameters.
     "compile_cdt": dict(cuda_graphs=True, compile=True,
                         decode_options=DecodeOptions(inductor_options=(("coordinate_descent_tuning", True),))),
+    # Both: autotuned Triton matmuls where one is not a single row (batch 64), reductions where it is.
+    "compile_autotune_cdt": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(
+        inductor_options=(("max_autotune", True), ("coordinate_descent_tuning", True)))),
     # Greedy picking and the loop's bookkeeping after the captured step, launched by the
     # host every token (before they moved inside the step).
     "compile_pick_outside": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(pick_in_step=False)),
