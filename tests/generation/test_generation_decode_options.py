@@ -145,3 +145,18 @@ def test_flex_decoding_hands_the_model_a_key_mask_for_one_new_token_only():
     assert isinstance(cache.attention_mask(4), torch.Tensor)  # the prefill stays on SDPA
     mask = cache.attention_mask(1)
     assert isinstance(mask, FlexKeyMask) and mask.allowed_BTS.shape == (2, 1, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_of_the_greedy_step_gives_the_tokens_of_picking_after_it():
+    model = tiny_model(seed=8).cuda()
+    prompts = random_prompts([6, 2, 9, 4, 3], seed=9)
+    config = GeneratorConfig(greedy=True, max_gen_len=40, batch_size=3, cuda_graphs=True)
+    outside = Generator(model, IdTokenizer(stop_ids=()), GeneratorConfig(**{**vars(config), "cuda_graphs": False}),
+                        decode_options=DecodeOptions(pick_in_step=False))(prompts)
+    stats = GenerateStats()
+    inside = Generator(model, IdTokenizer(stop_ids=()), config)(prompts, stats=stats)
+    assert stats.decode_path == "eager+cuda_graph"
+    assert [i.tokens for i in inside] == [o.tokens for o in outside]
+    for a, b in zip(inside, outside):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
