@@ -136,7 +136,7 @@ def test_flex_decoding_gives_the_default_tokens(compile):
 
 
 def test_flex_decoding_hands_the_model_a_key_mask_for_one_new_token_only():
-    from ft.models.llama.model import FlexKeyMask
+    from ft.models.attention_mask import FlexKeyMask
 
     model = tiny_model()
     cache = StaticKVCache(model, batch_size=2, max_len=32)

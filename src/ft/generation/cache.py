@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ft.models.llama.model import FlexKeyMask
+from ft.models.attention_mask import FlexKeyMask
 
 MAX_BUCKETS = 8
 _ALIGN = 16

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ft.errors import ConfigError
+from ft.models.attention_mask import FlexKeyMask
 from ft.models.family_bundle import KVCache
 from ft.registry import Registry
 
@@ -244,23 +245,6 @@ def apply_rope(x_BNTH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor:
 # An attention mask: None (plain causal), a boolean SDPA mask [B, 1, T, S] (True =
 # attend), a FlexAttention BlockMask, or a `FlexKeyMask`.
 AttentionMask = Any
-
-
-@dataclass(frozen=True)
-class FlexKeyMask:
-    """A boolean mask [B, T, S] (True = attend) applied by FlexAttention as a score_mod.
-    For decoding: with one query row against a cache, FlexAttention runs its decoding
-    kernel, which splits the keys over thread blocks and reads each KV head once."""
-
-    allowed_BTS: Tensor
-
-    def score_mod(self):
-        allowed_BTS = self.allowed_BTS
-
-        def hide_masked(score, b, h, q_idx, kv_idx):
-            return torch.where(allowed_BTS[b, q_idx, kv_idx], score, float("-inf"))
-
-        return hide_masked
 
 
 _compiled_flex_attention = None
