@@ -24,7 +24,8 @@ matmuls and one fused masked softmax), "compile_efficient_attention" through its
 memory-efficient kernel, "compile_flex_attention" through FlexAttention's decoding
 kernel, "compile_cdt" with inductor's
 coordinate-descent tuning (which also turns one-row matmuls into reductions that
-inductor writes); "compile_pick_outside" and "compile_cdt_pick_outside" pick the
+inductor writes); "compile_untuned" compiles a batch-1 step without the tuning the default gives
+it (`DecodeOptions.tune_one_row`); "compile_pick_outside" and "compile_cdt_pick_outside" pick the
 greedy token after the captured step (before picking moved inside it); "compile_fused" (the default, as "compile") and "compile_unfused" /
 "cuda_graph_unfused" run q/k/v and gate/up as one matmul each or one per
 projection (`ft.generation.fused_projections`).
@@ -151,6 +152,8 @@ FT_MODES: dict[str, dict[str, Any]] = {
     "eager": dict(cuda_graphs=False, compile=False),
     "cuda_graph": dict(cuda_graphs=True, compile=False),
     "compile": dict(cuda_graphs=True, compile=True),  # generate's default: window buckets, one dynamic compile
+    # Batch 1 without coordinate-descent tuning (the default tunes one-row steps).
+    "compile_untuned": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(tune_one_row=False)),
     # Attention over the whole static cache every step: the path before window buckets.
     "cuda_graph_full_cache": dict(cuda_graphs=True, compile=False, decode_options=DecodeOptions(windowed=False)),
     "compile_full_cache": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(windowed=False)),

@@ -160,3 +160,16 @@ def test_cuda_graph_of_the_greedy_step_gives_the_tokens_of_picking_after_it():
     assert [i.tokens for i in inside] == [o.tokens for o in outside]
     for a, b in zip(inside, outside):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_a_one_row_compiled_step_is_tuned_unless_told_otherwise():
+    from ft.generation.decode_step import _compiled_decode_forward
+
+    model = tiny_model()
+    for rows, options, tuned in [(1, DecodeOptions(), True), (2, DecodeOptions(), False),
+                                 (1, DecodeOptions(tune_one_row=False), False),
+                                 (1, DecodeOptions(compile_mode="max-autotune-no-cudagraphs"), False)]:
+        _compiled_decode_forward.clear()
+        DecodeStep(model, StaticKVCache(model, batch_size=rows, max_len=16), cuda_graph=False, compile=True,
+                   options=options)
+        assert any(key[3] == (("coordinate_descent_tuning", True),) for key in _compiled_decode_forward) == tuned
