@@ -22,7 +22,9 @@ Triton matmuls for the skinny decode GEMMs) inside ft's own CUDA graphs;
 "compile_math_attention" runs attention through SDPA's math backend (compiled:
 matmuls and one fused masked softmax), "compile_efficient_attention" through its
 memory-efficient kernel, "compile_flex_attention" through FlexAttention's decoding
-kernel, "compile_cdt" with inductor's
+kernel, "compile_split_kv_attention" through ft's split-KV Triton kernels
+(`ft.models.decode_attention`; "compile_split_kv_autotune_cdt" with max-autotune and
+coordinate-descent tuning too), "compile_cdt" with inductor's
 coordinate-descent tuning (which also turns one-row matmuls into reductions that
 inductor writes); "compile_untuned" compiles a batch-1 step without the tuning the default gives
 it (`DecodeOptions.tune_one_row`); "compile_pick_outside" and "compile_cdt_pick_outside" pick the
@@ -173,6 +175,11 @@ FT_MODES: dict[str, dict[str, Any]] = {
                                         decode_options=DecodeOptions(attention="efficient_attention")),
     # FlexAttention's decoding kernel (keys split over thread blocks) instead of SDPA.
     "compile_flex_attention": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(attention="flex")),
+    # ft's split-KV Triton kernels (`ft.models.decode_attention`) instead of SDPA.
+    "compile_split_kv_attention": dict(cuda_graphs=True, compile=True,
+                                       decode_options=DecodeOptions(attention="split_kv")),
+    "compile_split_kv_autotune_cdt": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(
+        attention="split_kv", inductor_options=(("max_autotune", True), ("coordinate_descent_tuning", True)))),
     # Inductor's coordinate-descent tuning of its generated kernels' launch parameters.
     "compile_cdt": dict(cuda_graphs=True, compile=True,
                         decode_options=DecodeOptions(inductor_options=(("coordinate_descent_tuning", True),))),

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ft.models.attention_mask import FlexKeyMask
+from ft.models.attention_mask import DecodeKeyMask, FlexKeyMask
 
 MAX_BUCKETS = 8
 _ALIGN = 16
@@ -57,9 +57,10 @@ class StaticKVCache:
         """The slot the next token goes to, on the host (`slot` without a sync): set by
         `reset` for the prefill, advanced by `DecodeStep`."""
         self._bucket = max(_ALIGN, -(-max_len // (MAX_BUCKETS * _ALIGN)) * _ALIGN)
-        self.flex_decode = False
-        """Decoding steps (one new token) attend through FlexAttention's decoding kernel
-        (the mask as a `FlexKeyMask`) instead of SDPA; prefill stays on SDPA."""
+        self.decode_kernel: str | None = None
+        """The attention kernel of decoding steps (one new token): None, SDPA; "flex",
+        FlexAttention's decoding kernel (the mask as a `FlexKeyMask`); "split_kv",
+        `ft.models.decode_attention` (the mask as a `DecodeKeyMask`). Prefill stays on SDPA."""
 
     @property
     def batch_size(self) -> int:
@@ -110,17 +111,20 @@ class StaticKVCache:
         self.k = [torch.zeros(shape, device=device, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=self.dtype) for _ in range(self.n_layers)]
 
-    def attention_mask(self, num_new: int) -> Tensor | FlexKeyMask:
+    def attention_mask(self, num_new: int) -> Tensor | FlexKeyMask | DecodeKeyMask:
         """[B, 1, T, window_len]: causal over the filled slots, minus left padding (for a
-        decoding step under `flex_decode`: the same, [B, T, window_len], as a `FlexKeyMask`)."""
+        decoding step under `decode_kernel`: the same as a `FlexKeyMask` [B, T, window_len]
+        or a `DecodeKeyMask` [B, window_len])."""
         q_slot_T1 = (self.slot + self._slots_S[:num_new])[:, None]
         k_slot_1S = self.window_S[None, :]
         causal_TS = k_slot_1S <= q_slot_T1
         own_TS = k_slot_1S == q_slot_T1  # a padding query sees itself, so its row stays finite
         valid_B1S = self.valid_BS.narrow(1, 0, self.window_S.shape[0])[:, None, :]
         allowed_BTS = causal_TS[None] & (valid_B1S | own_TS[None])
-        if self.flex_decode and num_new == 1:
+        if self.decode_kernel == "flex" and num_new == 1:
             return FlexKeyMask(allowed_BTS)
+        if self.decode_kernel == "split_kv" and num_new == 1:
+            return DecodeKeyMask(allowed_BTS[:, 0])
         return allowed_BTS[:, None]
 
     def advance(self, num_new: int) -> None:

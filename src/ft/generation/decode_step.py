@@ -43,6 +43,8 @@ log = logging.getLogger("ft")
 
 _WARMUP_STEPS = 3
 FLEX = "flex"
+SPLIT_KV = "split_kv"
+DECODE_KERNELS = (FLEX, SPLIT_KV)  # attention kernels the cache asks for through its mask, not SDPA backends
 ONE_ROW_INDUCTOR_OPTIONS = (("coordinate_descent_tuning", True),)
 
 
@@ -66,7 +68,7 @@ def greedy_decode_forward(model: nn.Module, cache: StaticKVCache, tokens_B1: Ten
 
 
 def _sdpa_backend(name: str | None):
-    if name is None or name == FLEX:  # flex: the cache hands the model a FlexKeyMask
+    if name is None or name in DECODE_KERNELS:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -90,8 +92,10 @@ class DecodeOptions:
     attention: str | None = None
     """SDPA backend of the decode step's attention ("math", "efficient_attention",
     "cudnn_attention", ...; None: SDPA's own choice). Compiled, "math" becomes matmuls
-    and one fused masked softmax that inductor writes. "flex": FlexAttention's decoding
-    kernel instead of SDPA (`StaticKVCache.flex_decode`; the key mask as a score_mod)."""
+    and one fused masked softmax that inductor writes. Instead of SDPA (the cache's
+    `decode_kernel`): "flex", FlexAttention's decoding kernel (the key mask as a
+    score_mod); "split_kv", ft's split-KV Triton kernels (`ft.models.decode_attention`;
+    SDPA off the GPU)."""
     inductor_options: tuple[tuple[str, Any], ...] = ()
     """torch.compile `options` for the compiled step (e.g. (("coordinate_descent_tuning",
     True),)); only without `compile_mode`, which torch.compile does not combine with them."""
@@ -147,7 +151,7 @@ class DecodeStep:
         self.model = model
         self.cache = cache
         self.options = options
-        cache.flex_decode = options.attention == FLEX
+        cache.decode_kernel = options.attention if options.attention in DECODE_KERNELS else None
         is_cuda = cache.valid_BS.is_cuda
         self.want_graph = cuda_graph and is_cuda
         self.forward = self._eager_forward

@@ -1,5 +1,6 @@
-"""`FlexKeyMask`: a boolean attention mask that a model applies through FlexAttention
-(as a score_mod) rather than SDPA; the generation cache hands it to decoding steps."""
+"""Masks that ask a model's attention for a kernel other than SDPA; the generation cache
+hands them to decoding steps. `FlexKeyMask`: FlexAttention with the mask as a score_mod;
+`DecodeKeyMask`: `ft.models.decode_attention.split_kv_decode_attention`."""
 
 from __future__ import annotations
 
@@ -24,3 +25,11 @@ class FlexKeyMask:
             return torch.where(allowed_BTS[b, q_idx, kv_idx], score, float("-inf"))
 
         return hide_masked
+
+
+@dataclass(frozen=True)
+class DecodeKeyMask:
+    """The key mask of a one-token decoding step, [B, S] (True = attend): decoding has one
+    query position, so causality and left padding are both a mask over key slots."""
+
+    allowed_BS: Tensor

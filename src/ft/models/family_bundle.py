@@ -22,12 +22,13 @@ class KVCache(Protocol):
 
     Per layer, `update` stores the new keys/values [B, K, T, H] and returns the keys
     and values to attend over; `attention_mask(T)` is the [B, 1, T, S] boolean mask
-    of the T new queries over them; `advance(T)` runs once after all layers.
+    of the T new queries over them (or a mask object of `ft.models.attention_mask`
+    asking for another attention kernel); `advance(T)` runs once after all layers.
     """
 
     def update(self, layer: int, k_BKTH: Tensor, v_BKTH: Tensor) -> tuple[Tensor, Tensor]: ...
 
-    def attention_mask(self, num_new: int) -> Tensor: ...
+    def attention_mask(self, num_new: int) -> Any: ...
 
     def advance(self, num_new: int) -> None: ...
 

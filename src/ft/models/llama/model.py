@@ -12,7 +12,8 @@ Attention goes through `scaled_dot_product_attention`:
 - plain causal rows use `is_causal=True` (flash / cuDNN kernels on GPU);
 - packed rows (`document_ids_BT`) use a document-causal mask: a FlexAttention block
   mask on CUDA, a boolean SDPA mask elsewhere;
-- decoding (`kv_cache=`) attends over the cache with a causal + key padding mask.
+- decoding (`kv_cache=`) attends over the cache with a causal + key padding mask (or,
+  when the cache hands a `DecodeKeyMask`, through ft's split-KV decoding kernels).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ft.errors import ConfigError
-from ft.models.attention_mask import FlexKeyMask
+from ft.models.attention_mask import DecodeKeyMask, FlexKeyMask
+from ft.models.decode_attention import split_kv_decode_attention
 from ft.models.family_bundle import KVCache
 from ft.registry import Registry
 
@@ -243,7 +245,7 @@ def apply_rope(x_BNTH: Tensor, cos_BTH: Tensor, sin_BTH: Tensor) -> Tensor:
 
 
 # An attention mask: None (plain causal), a boolean SDPA mask [B, 1, T, S] (True =
-# attend), a FlexAttention BlockMask, or a `FlexKeyMask`.
+# attend), a FlexAttention BlockMask, a `FlexKeyMask` or a `DecodeKeyMask`.
 AttentionMask = Any
 
 
@@ -329,6 +331,8 @@ class Attention(nn.Module):
         gqa = k_BKTH.shape[1] != q_BNTH.shape[1]
         if mask is None:
             o_BNTH = F.scaled_dot_product_attention(q_BNTH, k_BKTH, v_BKTH, is_causal=True, enable_gqa=gqa)
+        elif isinstance(mask, DecodeKeyMask):
+            o_BNTH = split_kv_decode_attention(q_BNTH, k_BKTH, v_BKTH, mask)
         elif isinstance(mask, Tensor):
             o_BNTH = _masked_sdpa(q_BNTH, k_BKTH, v_BKTH, mask) if gqa else F.scaled_dot_product_attention(
                 q_BNTH, k_BKTH, v_BKTH, attn_mask=mask
