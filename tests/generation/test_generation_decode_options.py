@@ -123,17 +123,19 @@ def test_a_generator_reuses_its_greedy_state_across_calls():
     assert [f.tokens for f in first] == [s.tokens for s in second]
 
 
+@pytest.mark.parametrize("attention", ["flex", "split_kv"])
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_flex_decoding_gives_the_default_tokens(compile):
+def test_decode_kernels_give_the_default_tokens(attention, compile):
+    # Off the GPU the split-KV op runs SDPA: this checks the cache's key mask and the model's dispatch.
     model = tiny_model(seed=4)
     prompts = random_prompts([8, 3, 5], seed=2)
     default, _ = _generate(model, prompts, options=DecodeOptions(), max_gen_len=20)
-    flex, path = _generate(model, prompts, options=DecodeOptions(attention="flex"), compile=compile, max_gen_len=20)
+    other, path = _generate(model, prompts, options=DecodeOptions(attention=attention), compile=compile, max_gen_len=20)
     if compile and path == "eager":
         pytest.skip("torch.compile is unavailable here (the step fell back to eager, as designed)")
     assert path == ("compile" if compile else "eager")
-    assert [f.tokens for f in flex] == [d.tokens for d in default]
-    for a, b in zip(flex, default):
+    assert [o.tokens for o in other] == [d.tokens for d in default]
+    for a, b in zip(other, default):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
 
 
@@ -147,21 +149,6 @@ def test_flex_decoding_hands_the_model_a_key_mask_for_one_new_token_only():
     assert isinstance(cache.attention_mask(4), torch.Tensor)  # the prefill stays on SDPA
     mask = cache.attention_mask(1)
     assert isinstance(mask, FlexKeyMask) and mask.allowed_BTS.shape == (2, 1, 32)
-
-
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_split_kv_decoding_gives_the_default_tokens(compile):
-    # Off the GPU the op runs SDPA: this checks the cache's key mask and the model's dispatch.
-    model = tiny_model(seed=4)
-    prompts = random_prompts([8, 3, 5], seed=2)
-    default, _ = _generate(model, prompts, options=DecodeOptions(), max_gen_len=20)
-    split, path = _generate(model, prompts, options=DecodeOptions(attention="split_kv"), compile=compile, max_gen_len=20)
-    if compile and path == "eager":
-        pytest.skip("torch.compile is unavailable here (the step fell back to eager, as designed)")
-    assert path == ("compile" if compile else "eager")
-    assert [s.tokens for s in split] == [d.tokens for d in default]
-    for a, b in zip(split, default):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
 
 
 def test_split_kv_decoding_hands_the_model_a_key_mask_for_one_new_token_only():
