@@ -23,8 +23,9 @@ Triton matmuls for the skinny decode GEMMs) inside ft's own CUDA graphs;
 matmuls and one fused masked softmax), "compile_efficient_attention" through its
 memory-efficient kernel, "compile_flex_attention" through FlexAttention's decoding
 kernel, "compile_split_kv_attention" through ft's split-KV Triton kernels
-(`ft.models.decode_attention`; "compile_split_kv_autotune_cdt" with max-autotune and
-coordinate-descent tuning too), "compile_cdt" with inductor's
+(`ft.models.decode_attention`, the default on CUDA; "compile_split_kv_autotune_cdt" with
+max-autotune and coordinate-descent tuning too), "compile_sdpa_attention" through SDPA's
+own choice (the default before the split-KV kernels), "compile_cdt" with inductor's
 coordinate-descent tuning (which also turns one-row matmuls into reductions that
 inductor writes); "compile_untuned" compiles a batch-1 step without the tuning the default gives
 it (`DecodeOptions.tune_one_row`); "compile_pick_outside" and "compile_cdt_pick_outside" pick the
@@ -175,9 +176,10 @@ FT_MODES: dict[str, dict[str, Any]] = {
                                         decode_options=DecodeOptions(attention="efficient_attention")),
     # FlexAttention's decoding kernel (keys split over thread blocks) instead of SDPA.
     "compile_flex_attention": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(attention="flex")),
-    # ft's split-KV Triton kernels (`ft.models.decode_attention`) instead of SDPA.
+    # ft's split-KV Triton kernels (`ft.models.decode_attention`, the default on CUDA) or SDPA's choice.
     "compile_split_kv_attention": dict(cuda_graphs=True, compile=True,
                                        decode_options=DecodeOptions(attention="split_kv")),
+    "compile_sdpa_attention": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(attention="sdpa")),
     "compile_split_kv_autotune_cdt": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(
         attention="split_kv", inductor_options=(("max_autotune", True), ("coordinate_descent_tuning", True)))),
     # Inductor's coordinate-descent tuning of its generated kernels' launch parameters.

@@ -164,6 +164,17 @@ def test_split_kv_decoding_hands_the_model_a_key_mask_for_one_new_token_only():
     assert mask.allowed_BS[:, 0].all() and not mask.allowed_BS[:, 1:].any()
 
 
+def test_decoding_attention_defaults_to_split_kv_on_cuda_only():
+    from ft.generation.decode_step import decode_kernel_for
+
+    assert decode_kernel_for(None, torch.device("cpu")) is None
+    assert decode_kernel_for("sdpa", torch.device("cuda")) is None
+    assert decode_kernel_for("math", torch.device("cuda")) is None
+    assert decode_kernel_for("flex", torch.device("cpu")) == "flex"
+    if torch.cuda.is_available():
+        assert decode_kernel_for(None, torch.device("cuda")) == "split_kv"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_split_kv_kernels_in_the_captured_greedy_step_give_the_default_tokens(dtype):
@@ -171,7 +182,7 @@ def test_cuda_split_kv_kernels_in_the_captured_greedy_step_give_the_default_toke
     model = tiny_model(seed=8).cuda().to(dtype)
     prompts = random_prompts([6, 2, 9, 4, 3, 7, 1, 8, 5, 5, 2, 9], seed=9)
     config = GeneratorConfig(greedy=True, max_gen_len=40, batch_size=12, cuda_graphs=True, compile=True)
-    sdpa = Generator(model, IdTokenizer(stop_ids=()), config)(prompts)
+    sdpa = Generator(model, IdTokenizer(stop_ids=()), config, decode_options=DecodeOptions(attention="sdpa"))(prompts)
     stats = GenerateStats()
     split = Generator(model, IdTokenizer(stop_ids=()), config,
                       decode_options=DecodeOptions(attention="split_kv"))(prompts, stats=stats)

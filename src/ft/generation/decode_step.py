@@ -38,12 +38,14 @@ from torch import Tensor, nn
 from ft.generation.cache import StaticKVCache
 from ft.generation.greedy_loop import GreedyLoopState, record_pick
 from ft.generation.sampling import greedy_and_logprobs
+from ft.models.decode_attention import triton_usable
 
 log = logging.getLogger("ft")
 
 _WARMUP_STEPS = 3
 FLEX = "flex"
 SPLIT_KV = "split_kv"
+SDPA = "sdpa"
 DECODE_KERNELS = (FLEX, SPLIT_KV)  # attention kernels the cache asks for through its mask, not SDPA backends
 ONE_ROW_INDUCTOR_OPTIONS = (("coordinate_descent_tuning", True),)
 
@@ -67,8 +69,16 @@ def greedy_decode_forward(model: nn.Module, cache: StaticKVCache, tokens_B1: Ten
     record_pick(tokens_B1, positions_B1, done_B, lengths_B, stop_S, tokens_BL, logprobs_BL, t, next_B, logprob_B)
 
 
+def decode_kernel_for(attention: str | None, device: torch.device) -> str | None:
+    """The kernel the cache asks for at decoding steps (`StaticKVCache.decode_kernel`):
+    by default (None) ft's split-KV kernels where Triton runs them (CUDA), else SDPA."""
+    if attention is None:
+        return SPLIT_KV if device.type == "cuda" and triton_usable(device) else None
+    return attention if attention in DECODE_KERNELS else None
+
+
 def _sdpa_backend(name: str | None):
-    if name is None or name in DECODE_KERNELS:
+    if name is None or name == SDPA or name in DECODE_KERNELS:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -90,8 +100,9 @@ class DecodeOptions:
     concatenated weights (`ft.generation.fused_projections`; prefill too); False: one
     matmul per projection, as the model is built."""
     attention: str | None = None
-    """SDPA backend of the decode step's attention ("math", "efficient_attention",
-    "cudnn_attention", ...; None: SDPA's own choice). Compiled, "math" becomes matmuls
+    """The decode step's attention. None: ft's split-KV kernels on CUDA ("split_kv"),
+    SDPA elsewhere; "sdpa": SDPA's own choice of kernel (cuDNN's on Hopper); an SDPA
+    backend ("math", "efficient_attention", "cudnn_attention", ...). Compiled, "math" becomes matmuls
     and one fused masked softmax that inductor writes. Instead of SDPA (the cache's
     `decode_kernel`): "flex", FlexAttention's decoding kernel (the key mask as a
     score_mod); "split_kv", ft's split-KV Triton kernels (`ft.models.decode_attention`;
@@ -151,7 +162,7 @@ class DecodeStep:
         self.model = model
         self.cache = cache
         self.options = options
-        cache.decode_kernel = options.attention if options.attention in DECODE_KERNELS else None
+        cache.decode_kernel = decode_kernel_for(options.attention, cache.valid_BS.device)
         is_cuda = cache.valid_BS.is_cuda
         self.want_graph = cuda_graph and is_cuda
         self.forward = self._eager_forward

@@ -43,8 +43,9 @@ def split_kv_partial(
     acc = tl.zeros([BLOCK_G, BLOCK_H], dtype=tl.float32)
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, S)
-    for s0 in range(start, end, BLOCK_S):
-        s = s0 + s_tile
+    # Scalar loop bounds (keys_per_split is a whole number of tiles); tiles past S load nothing.
+    for offset in range(0, keys_per_split, BLOCK_S):
+        s = start + offset + s_tile
         s_in = s < end
         allowed = tl.load(a_base + s, mask=s_in, other=0) != 0
         k = tl.load(k_base + s[:, None] * stride_ks + h[None, :], mask=s_in[:, None] & h_in[None, :], other=0.0)
