@@ -73,6 +73,7 @@ def decode_kernel_for(attention: str | None, device: torch.device) -> str | None
     """The kernel the cache asks for at decoding steps (`StaticKVCache.decode_kernel`):
     by default (None) ft's split-KV kernels where Triton runs them (CUDA), else SDPA."""
     if attention is None:
+        # CUDA only: Triton's CPU interpreter (tests) must not make it the CPU default.
         return SPLIT_KV if device.type == "cuda" and triton_usable(device) else None
     return attention if attention in DECODE_KERNELS else None
 

@@ -23,8 +23,10 @@ the kernels on the CPU through Triton's interpreter (`TRITON_INTERPRET=1`).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,11 +42,13 @@ def triton_usable(device: torch.device) -> bool:
     CPU interpreter."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    # Asked by every eager call of the op (each layer, each step): look it up once.
+    return importlib.util.find_spec("triton") is not None
 
 
 def split_kv_decode_attention(q_BNTH: Tensor, k_BKSH: Tensor, v_BKSH: Tensor, mask: DecodeKeyMask) -> Tensor:
