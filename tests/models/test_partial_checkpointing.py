@@ -35,7 +35,7 @@ def _is_checkpointed(layer: torch.nn.Module) -> bool:
     return "forward" in vars(layer) and vars(layer)["forward"].__name__ == "checkpointed_forward"
 
 
-@pytest.mark.parametrize("mode", ["selective", "full"])
+@pytest.mark.parametrize("mode", ["selective", "elementwise", "full"])
 def test_first_n_blocks_checkpointed_give_the_same_gradients_bitwise(mode):
     plain, _ = _gradients("none", None)
     every, _ = _gradients(mode, None)

@@ -85,7 +85,7 @@ def test_four_bit_adamw_counts_its_step_intermediates_for_the_largest_parameter(
     assert predict_memory(dataclasses.replace(plan, optimizer="adamw8bit"), shapes).step_transient == 0
 
 
-@pytest.mark.parametrize("mode", ["selective", "full"])
+@pytest.mark.parametrize("mode", ["elementwise", "selective", "full"])
 def test_partial_checkpointing_spans_every_block_to_none(shapes, mode):
     """activation_checkpointing_blocks=N: N blocks at the checkpointed size, the rest at a whole
     block's; 32 blocks is the plain setting, 0 is no checkpointing; each block more saves memory."""
@@ -103,6 +103,14 @@ def test_partial_checkpointing_spans_every_block_to_none(shapes, mode):
     assert all(b.peak >= a.peak for a, b in zip(estimates[1:], estimates)) and estimates[0].peak > every.peak
     # Backward frees a block that is not checkpointed before it recomputes one that is.
     assert all(e.recompute == 0 for e in estimates[:-1]) and estimates[-1].recompute > 0
+
+
+def test_each_mode_keeps_less_than_the_one_that_recomputes_less(shapes):
+    """none > elementwise (every matmul output backward reads) > selective (every other one) > full."""
+    plan = MemoryPlan(model_config=CONFIG, dtype="bfloat16", mixed_precision=False, max_num_tokens=8192)
+    activations = [predict_memory(dataclasses.replace(plan, activation_checkpointing=mode), shapes).activations
+                   for mode in ("none", "elementwise", "selective", "full")]
+    assert activations == sorted(activations, reverse=True) and len(set(activations)) == 4
 
 
 def test_partial_checkpointing_in_mixed_precision_keeps_autocast_casts_for_its_blocks(shapes):

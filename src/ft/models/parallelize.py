@@ -29,6 +29,7 @@ at a time for export.
 from __future__ import annotations
 
 
+import functools
 from typing import Any, Iterator, Literal
 
 import torch
@@ -40,7 +41,8 @@ from ft.gang import Gangs
 from ft.models.family import family_of
 
 DataParallelism = Literal["fsdp", "ddp"]
-ActivationCheckpointing = Literal["none", "full", "selective"]
+ActivationCheckpointing = Literal["none", "full", "selective", "elementwise"]
+ACTIVATION_CHECKPOINTING_MODES = ("none", "full", "selective", "elementwise")
 
 
 def check_parallel_layout(
@@ -54,10 +56,9 @@ def check_parallel_layout(
     """ConfigError for a model/layout pair that cannot work; cheap, call it before building."""
     if data_parallelism not in ("fsdp", "ddp"):
         raise ConfigError(f"data_parallelism={data_parallelism!r} is not one of 'fsdp', 'ddp'")
-    if activation_checkpointing not in ("none", "full", "selective"):
-        raise ConfigError(
-            f"activation_checkpointing={activation_checkpointing!r} is not one of 'none', 'full', 'selective'"
-        )
+    if activation_checkpointing not in ACTIVATION_CHECKPOINTING_MODES:
+        modes = ", ".join(repr(mode) for mode in ACTIVATION_CHECKPOINTING_MODES)
+        raise ConfigError(f"activation_checkpointing={activation_checkpointing!r} is not one of {modes}")
     check_checkpointed_blocks(activation_checkpointing_blocks, activation_checkpointing=activation_checkpointing,
                               n_layers=config.n_layers)
     tp = tensor_parallel_size
@@ -104,13 +105,18 @@ def _checkpointed(forward, checkpoint, options: dict[str, Any]):
     return checkpointed_forward
 
 
-def _selective_checkpoint_context():
+def _selective_checkpoint_context(every_other_matmul: bool = True):
     """Op-level selective checkpointing: keep the outputs of attention, collectives and
-    every other matmul; recompute the rest (the elementwise ops between them: RMSNorm,
-    RoPE, SwiGLU, and half the matmuls). Saving every matmul too fast but too big for
-    an 8B model on one GPU; saving none is full checkpointing. This is torchtitan's
-    trade-off: about half the activation memory of saving all matmuls, for a sixth
-    more compute than no checkpointing."""
+    the matmuls; recompute the rest (the elementwise ops between them: RMSNorm, RoPE,
+    SwiGLU's product).
+
+    `every_other_matmul` (activation_checkpointing=selective): keep only every second
+    matmul's output and recompute the others, torchtitan's trade-off: about half the
+    activation memory of keeping them all, for a sixth more compute than no
+    checkpointing. Otherwise (`elementwise`) every matmul's output is kept: backward
+    redoes elementwise work only (a few percent), and a compiled block keeps only the
+    outputs its backward reads (not the down projection's), about 1.5x selective's
+    memory. Saving none is full checkpointing."""
     from collections import Counter
 
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -136,7 +142,7 @@ def _selective_checkpoint_context():
         if op in mm:
             mode = "recompute" if ctx.is_recompute else "forward"
             mm_counts[mode] += 1
-            if mm_counts[mode] % 2 == 0:
+            if every_other_matmul and mm_counts[mode] % 2 == 0:
                 return CheckpointPolicy.PREFER_RECOMPUTE
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -166,8 +172,9 @@ def parallelize_model(
     `MixedPrecisionPolicy(param_dtype, reduce_dtype)` computes in `param_dtype`
     (None: the parameters' dtype) and reduces gradients in `reduce_dtype`. DDP
     ignores `param_dtype` (use autocast). `activation_checkpointing`: "full"
-    recomputes each whole block in backward; "selective" recomputes only its
-    elementwise ops (see `_selective_checkpoint_context`); `activation_checkpointing_blocks`
+    recomputes each whole block in backward; "selective" recomputes its
+    elementwise ops and every second matmul, "elementwise" its elementwise ops only
+    (see `_selective_checkpoint_context`); `activation_checkpointing_blocks`
     (None: all) checkpoints only the first N blocks of `model.model.layers` and lets the
     rest keep every activation: the last blocks run backward first, so theirs are freed
     first, and memory left over buys less recompute. `fp8`: "none", or torchao's
@@ -213,7 +220,9 @@ def parallelize_model(
     if activation_checkpointing != "none":
         from torch.utils.checkpoint import checkpoint
 
-        options = {} if activation_checkpointing == "full" else {"context_fn": _selective_checkpoint_context}
+        every_other = activation_checkpointing == "selective"
+        options = {} if activation_checkpointing == "full" else {
+            "context_fn": functools.partial(_selective_checkpoint_context, every_other_matmul=every_other)}
         n_checkpointed = len(layers) if activation_checkpointing_blocks is None else activation_checkpointing_blocks
         for layer in layers[:n_checkpointed]:
             # Wrap forward only: FSDP's hooks stay outside the checkpointed region (so

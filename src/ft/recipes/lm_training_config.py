@@ -66,9 +66,11 @@ class LmTrainingConfig:
     or `skip_step`: that step makes no update."""
 
     # Memory and speed.
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    """Recompute activations in backward instead of keeping them: `selective` keeps attention's output and every
-    other matmul's (a sixth more compute), `full` only each block's input (one more forward)."""
+    activation_checkpointing: Literal["none", "full", "selective", "elementwise"] = "none"
+    """Recompute activations in backward instead of keeping them: `elementwise` keeps attention's and every
+    matmul's output and recomputes only the elementwise ops (norms, RoPE, SwiGLU; a few percent more compute),
+    `selective` keeps only every other matmul's (about 2/3 of elementwise's memory, a sixth more compute),
+    `full` only each block's input (one more forward)."""
     activation_checkpointing_blocks: int | None = None
     """Checkpoint only the first N blocks (0..n_layers; null: every block); the others keep all their activations,
     trading memory left over for less recompute (`--dry-run` predicts the peak)."""

@@ -14,7 +14,7 @@
   parameter and its gradient when stepped one at a time; torchao's low-bit steps
   their own intermediates for the largest parameter, `OptimizerKind.step_bytes_per_element`);
 - activations: per token and block, what a Llama-shaped block saves for backward
-  (`_block_bytes_per_token`) under no, selective or full checkpointing (only the
+  (`_block_bytes_per_token`) under no, elementwise, selective or full checkpointing (only the
   first `activation_checkpointing_blocks` blocks checkpointed, the rest none); with
   activation offloading, two blocks' worth stay on the GPU, or under full
   checkpointing two block inputs (the one being recomputed and the next, prefetched);
@@ -147,6 +147,14 @@ def _selective_bytes_per_token(config: Any, compute_bytes: int, residual_bytes: 
     return residual_bytes * dim + compute_bytes * (2 * dim / tp + matmul_outputs / 2)
 
 
+def _elementwise_bytes_per_token(config: Any, compute_bytes: int, residual_bytes: int, tp: int) -> float:
+    """Elementwise checkpointing keeps the block input, attention's output and log-sum-exp, and the
+    output of every matmul backward reads: q, k, v, o, gate and up (not down's: nothing reads it)."""
+    dim, kv_dim, ffn = config.dim, config.n_kv_heads * config.head_dim, config.ffn_dim
+    kept = (3 * dim + 2 * kv_dim + 2 * ffn) / tp
+    return residual_bytes * dim + compute_bytes * kept + 4 * config.n_heads / tp
+
+
 def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None = None) -> MemoryEstimate:
     from ft.training.optimizers import OPTIMIZERS
 
@@ -235,6 +243,8 @@ def predict_memory(plan: MemoryPlan, shapes: dict[str, tuple[int, ...]] | None =
         per_checkpointed_block = residual * config.dim
     elif plan.activation_checkpointing == "selective":
         per_checkpointed_block = _selective_bytes_per_token(config, compute, residual, plan.tp_size)
+    elif plan.activation_checkpointing == "elementwise":
+        per_checkpointed_block = _elementwise_bytes_per_token(config, compute, residual, plan.tp_size)
     else:
         per_checkpointed_block = block  # no block is checkpointed
     per_token = checkpointed * per_checkpointed_block + uncheckpointed * block
