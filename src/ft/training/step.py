@@ -72,20 +72,50 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, *, max_grad_n
 
     `skip_if(grad_norm)` true: this step makes no update (gradients dropped, no
     optimizer step); the schedule still advances. `clip`: the norm-and-clip function
-    (a pipeline's reduces over its stages).
+    (a pipeline's reduces over its stages). Where the optimizer can divide the gradients
+    itself (`clip_folds_into_step`), the clipping factor goes to it instead of a pass
+    that rewrites every gradient.
     """
     scaler.unscale_(optimizer)
-    grad_norm = clip(model, max_grad_norm)
+    fold = max_grad_norm is not None and clip is clip_grad_norm and clip_folds_into_step(optimizer, scaler)
+    grad_norm = clip(model, None if fold else max_grad_norm)
     if skip_if is not None and skip_if(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         scaler.update()
         scheduler.step()
         return grad_norm
-    scaler.step(optimizer)
+    if fold:
+        # torch's fused Adam/AdamW divide each gradient by `grad_scale` inside the step
+        # (the hook GradScaler uses): dividing by 1/coef is clipping by coef, computed in float32.
+        optimizer.grad_scale = 1.0 / clip_coefficient(grad_norm, max_grad_norm)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+    else:
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return grad_norm
+
+
+def clip_coefficient(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ factor, without a host sync: min(1, max_norm / (norm + 1e-6))."""
+    return torch.clamp(max_norm / (grad_norm.float() + 1e-6), max=1.0)
+
+
+def clip_folds_into_step(optimizer, scaler) -> bool:
+    """Whether `optimizer` can take the clipping factor itself: torch's fused Adam or AdamW
+    over plain tensors (not DTensors: the factor is a plain tensor), with no loss scaler
+    (which uses the same hook)."""
+    if scaler.is_enabled() or type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    if not all(group.get("fused") for group in optimizer.param_groups):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return not any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
 
 
 def validate(model: nn.Module, batches: Iterable, *, gangs: Gangs, autocast, loss_fn: LossFn) -> dict[str, Any]:
