@@ -53,7 +53,7 @@ BAD = [
     (["optimizer=adam"], "config key 'optimizer': unknown optimizer 'adam' (did you mean 'adamw'?)"),
     (["max_memory_gib=0"], "config key 'max_memory_gib' must be a finite number > 0"),
     (["activation_checkpointing_blocks=1"],
-     "config key 'activation_checkpointing_blocks' (1) needs activation_checkpointing=selective or full"),
+     "config key 'activation_checkpointing_blocks' (1) needs activation_checkpointing=elementwise, selective or full"),
     (["activation_checkpointing=selective", "activation_checkpointing_blocks=-1"],
      "config key 'activation_checkpointing_blocks' must be at least 0, or null for every block, got -1"),
 ]

@@ -86,7 +86,7 @@ def check_checkpointed_blocks(blocks: int | None, *, activation_checkpointing: s
         return
     if activation_checkpointing == "none":
         raise ConfigError(f"config key 'activation_checkpointing_blocks' ({blocks}) needs activation_checkpointing="
-                          f"selective or full; with activation_checkpointing=none no block is checkpointed: "
+                          f"elementwise, selective or full; with activation_checkpointing=none no block is checkpointed: "
                           f"leave activation_checkpointing_blocks null")
     if blocks < 0 or (n_layers is not None and blocks > n_layers):
         limit = f"between 0 and the model's {n_layers} blocks" if n_layers is not None else "at least 0"

@@ -301,6 +301,8 @@ def cheapest_fix(plan: MemoryPlan, budget_bytes: float, shapes: dict[str, tuple[
     if partial:  # the blocks left unchecked are the cheapest memory to win back
         candidates.append(("activation_checkpointing_blocks=null", {"activation_checkpointing_blocks": None}))
     if plan.activation_checkpointing == "none":
+        candidates.append(("activation_checkpointing=elementwise", {"activation_checkpointing": "elementwise"}))
+    if plan.activation_checkpointing in ("none", "elementwise"):
         candidates.append(("activation_checkpointing=selective", {"activation_checkpointing": "selective"}))
     if plan.optimizer == "adamw" and plan.lora_rank is None:
         candidates.append(("optimizer=adafactor", {"optimizer": "adafactor"}))
