@@ -91,6 +91,11 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+def clip_coefficient(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ factor, without a host sync: min(1, max_norm / (norm + 1e-6))."""
+    return torch.clamp(max_norm / (grad_norm.float() + 1e-6), max=1.0)
+
+
 def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
     """Clip to `max_norm` (None: only measure) and return the global gradient norm.
 
@@ -116,7 +121,7 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tens
     total = total_sq.sqrt()
     if max_norm is not None and grads:
         # Without `if coef < 1`: no host sync; multiplying by 1 is harmless.
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = clip_coefficient(total, max_norm)
         local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
         torch._foreach_mul_(local, coef.to(local[0].dtype))
     return total

@@ -16,7 +16,7 @@ from torch import nn
 
 from ft.gang import Gangs
 from ft.training.loss import chunked_cross_entropy_sum, target_positions
-from ft.training.optim import clip_grad_norm
+from ft.training.optim import clip_coefficient, clip_grad_norm
 from ft.training.step_stats import StepStats
 
 LossFn = Callable[[nn.Module, Any, torch.device], torch.Tensor]
@@ -98,11 +98,6 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, *, max_grad_n
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return grad_norm
-
-
-def clip_coefficient(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_ factor, without a host sync: min(1, max_norm / (norm + 1e-6))."""
-    return torch.clamp(max_norm / (grad_norm.float() + 1e-6), max=1.0)
 
 
 def clip_folds_into_step(optimizer, scaler) -> bool:
