@@ -206,7 +206,8 @@ def test_layout_errors():
         check_parallel_layout(CONFIG, tensor_parallel_size=1, activation_checkpointing="some")
 
 
-@pytest.mark.parametrize("activation_checkpointing,compile", [("full", False), ("selective", False), ("selective", True)])
+@pytest.mark.parametrize("activation_checkpointing,compile", [("full", False), ("selective", False), ("elementwise", False),
+                                                             ("selective", True)])
 def test_single_process_compile_and_checkpointing(activation_checkpointing, compile):
     gangs = setup_gangs(device="cpu", env={})
     reference = Llama(CONFIG)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 
 import functools
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ from ft.models.family import family_of
 
 DataParallelism = Literal["fsdp", "ddp"]
 ActivationCheckpointing = Literal["none", "full", "selective", "elementwise"]
-ACTIVATION_CHECKPOINTING_MODES = ("none", "full", "selective", "elementwise")
+ACTIVATION_CHECKPOINTING_MODES = get_args(ActivationCheckpointing)
 
 
 def check_parallel_layout(
