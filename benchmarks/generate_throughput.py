@@ -31,7 +31,10 @@ inductor writes); "compile_untuned" compiles a batch-1 step without the tuning t
 it (`DecodeOptions.tune_one_row`); "compile_pick_outside" and "compile_cdt_pick_outside" pick the
 greedy token after the captured step (before picking moved inside it); "compile_fused" (the default, as "compile") and "compile_unfused" /
 "cuda_graph_unfused" run q/k/v and gate/up as one matmul each or one per
-projection (`ft.generation.fused_projections`).
+projection (`ft.generation.fused_projections`); "compile_one_stage_pick_tile_splits"
+runs the default with two small-batch choices as before them (`MODE_CONSTANTS`): the
+greedy pick over each row's whole vocabulary in one stage, split-KV attention in
+splits of one key tile.
 
 Memory-bandwidth use of ft's decode step: a prefill-only call (one new token) is
 timed too, and `decode_step_s` = (whole call - prefill call) / (new tokens - 1).
@@ -57,6 +60,7 @@ for good after one different token), and the fraction of tokens so agreed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -193,7 +197,34 @@ FT_MODES: dict[str, dict[str, Any]] = {
     "compile_pick_outside": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(pick_in_step=False)),
     "compile_cdt_pick_outside": dict(cuda_graphs=True, compile=True, decode_options=DecodeOptions(
         inductor_options=(("coordinate_descent_tuning", True),), pick_in_step=False)),
+    # Few rows as before two small-batch choices: the greedy pick reducing each row's whole
+    # vocabulary in one stage, and split-KV attention in one-tile splits however few.
+    "compile_one_stage_pick_tile_splits": dict(cuda_graphs=True, compile=True),
 }
+# Module constants a mode sets while it runs (benchmarks only: the library has no switch for them).
+MODE_CONSTANTS: dict[str, dict[tuple[str, str], Any]] = {
+    "compile_one_stage_pick_tile_splits": {
+        ("ft.generation.sampling", "PICK_PARALLELISM"): 1,
+        ("ft.models.decode_attention", "MIN_KEYS_PER_SPLIT"): 64,
+        ("ft.models.decode_attention", "MIN_SPLITS"): 1,
+    },
+}
+
+
+@contextlib.contextmanager
+def mode_constants(mode: str):
+    import importlib
+
+    saved = []
+    try:
+        for (module_name, name), value in MODE_CONSTANTS.get(mode, {}).items():
+            module = importlib.import_module(module_name)
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
 
 
 def ft_generator(model, tokenizer, mode: str, *, max_gen_len: int, batch_size: int, stop_ids) -> Generator:
@@ -204,6 +235,11 @@ def ft_generator(model, tokenizer, mode: str, *, max_gen_len: int, batch_size: i
 
 
 def bench_ft(model, prompts_BT: torch.Tensor, mode: str, args, device) -> dict[str, Any]:
+    with mode_constants(mode):
+        return _bench_ft(model, prompts_BT, mode, args, device)
+
+
+def _bench_ft(model, prompts_BT: torch.Tensor, mode: str, args, device) -> dict[str, Any]:
     B = prompts_BT.shape[0]
     generator = ft_generator(model, _NoTextTokenizer(), mode, max_gen_len=args.new_tokens, batch_size=B, stop_ids=())
     prompts = prompts_BT.tolist()

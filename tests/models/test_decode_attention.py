@@ -20,7 +20,7 @@ from ft.models.decode_attention import BLOCK_KEYS, num_splits_for, split_kv_deco
 
 # (rows, KV heads, query heads per KV head, window, head size, programs wanted):
 # wanted programs decide the splits; 80 is no power of two; 200 keys hide their first 128.
-CASES = [(2, 2, 4, 100, 64, 8), (3, 1, 3, 130, 32, 64), (1, 2, 2, 200, 64, 8), (2, 2, 1, 40, 80, 1), (4, 8, 4, 192, 64, 512)]
+CASES = [(2, 2, 4, 100, 64, 8), (3, 1, 3, 520, 32, 64), (1, 2, 2, 400, 64, 8), (2, 2, 1, 40, 80, 1), (4, 8, 4, 192, 64, 512)]
 
 
 def _inputs(B, K, G, S, H, dtype, device="cpu", seed=0):
@@ -48,7 +48,10 @@ def test_splits_cover_the_keys_in_whole_tiles():
         assert per_split % BLOCK_KEYS == 0
         assert (splits - 1) * per_split < keys <= splits * per_split
     assert num_splits_for(512, 300, 264)[0] == 1  # enough programs without splitting
-    assert num_splits_for(8, 300, 264)[0] == 5  # one tile of keys each
+    assert num_splits_for(8, 300, 264) == (3, 128)  # splits of at least MIN_KEYS_PER_SPLIT keys
+    assert num_splits_for(8, 256, 264)[0] == 1  # two splits and a combine: one direct pass instead
+    assert num_splits_for(8, 4096, 264) == (32, 128)  # up to the programs wanted
+    assert 250 < num_splits_for(1, 100_000, 264)[0] <= 264  # whole tiles per split: about the programs wanted
 
 
 def test_off_the_gpu_the_op_is_sdpa():

@@ -31,9 +31,37 @@ def token_logprobs(logits_BV: Tensor, tokens_B: Tensor) -> Tensor:
     return chosen_B - torch.logsumexp(logits_BV.float(), dim=-1)
 
 
+PICK_PARALLELISM = 64
+"""Rows x vocabulary chunks the greedy pick reduces at once: fewer rows than this split
+each row's vocabulary into chunks (see `greedy_and_logprobs`)."""
+
+
 def greedy_and_logprobs(logits_BV: Tensor) -> tuple[Tensor, Tensor]:
-    next_B = greedy_next(logits_BV)
-    return next_B, token_logprobs(logits_BV, next_B)
+    """The most likely token of each row [B] and its log-probability in float32 [B].
+
+    With few rows the vocabulary is reduced in two stages, chunks first: compiled, a
+    row's reduction over a 128k vocabulary is otherwise one program, 26-29 us of a batch-1
+    decode step on an H100. The token is the same as `greedy_next`'s (the first of
+    equal maxima); the log-probability is the same up to float32 rounding."""
+    B, V = logits_BV.shape
+    chunks = min(PICK_PARALLELISM // max(B, 1), V)
+    if chunks <= 1:
+        next_B = greedy_next(logits_BV)
+        return next_B, token_logprobs(logits_BV, next_B)
+    width = -(-V // chunks)
+    # -inf padding never wins the argmax and adds nothing to the sum of exponentials.
+    padded_BCW = torch.nn.functional.pad(logits_BV, (0, chunks * width - V), value=float("-inf"))
+    padded_BCW = padded_BCW.view(B, -1, width)
+    chunk_arg_BC = padded_BCW.argmax(dim=-1)  # argmax: the first of equal maxima
+    chunk_max_BC = padded_BCW.amax(dim=-1).float()
+    shifted_BCW = padded_BCW.float() - chunk_max_BC[..., None]
+    # A chunk of only -inf (a masked stretch of the vocabulary) adds 0, not nan.
+    chunk_sum_BC = torch.where(chunk_max_BC == float("-inf"), 0.0, shifted_BCW.exp().sum(dim=-1))
+    best_chunk_B = chunk_max_BC.argmax(dim=-1)  # the first chunk holding the maximum
+    row_max_B = chunk_max_BC.gather(1, best_chunk_B[:, None]).squeeze(1)
+    next_B = best_chunk_B * width + chunk_arg_BC.gather(1, best_chunk_B[:, None]).squeeze(1)
+    scaled_B = (chunk_sum_BC * (chunk_max_BC - row_max_B[:, None]).exp()).sum(dim=-1)
+    return next_B, -scaled_B.log()
 
 
 _compiled: dict[str, object] = {}
