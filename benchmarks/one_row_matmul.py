@@ -178,8 +178,8 @@ def main() -> None:
 
 def attention_splits(dev) -> dict:
     """ft's split-KV decoding attention at batch 1 (llama3_2_1b: 8 KV heads of 4 query
-    heads, head size 64) over windows of S keys: as chosen (splits and a combine kernel)
-    against one direct pass, 16 layers' caches in one graph."""
+    heads, head size 64) over windows of S keys: as `num_splits_for` chooses, against one
+    direct pass and fixed split sizes, 16 layers' caches in one graph."""
     from ft.models import decode_attention as attention
 
     rows = {}

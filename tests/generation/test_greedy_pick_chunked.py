@@ -24,7 +24,8 @@ def awkward_logits(B: int, V: int, dtype: torch.dtype) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("B,V", [(1, 128256), (1, 100003), (2, 130), (3, 1000), (1, 7), (64, 500), (100, 64)])
+# Every case chunks (fewer rows than PICK_PARALLELISM); the one-stage path is the reference.
+@pytest.mark.parametrize("B,V", [(1, 128256), (1, 100003), (2, 130), (3, 1000), (1, 7), (32, 500), (16, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_pick_matches_one_stage(B, V, dtype):
     logits = awkward_logits(B, V, dtype)

@@ -51,7 +51,7 @@ def greedy_and_logprobs(logits_BV: Tensor) -> tuple[Tensor, Tensor]:
     width = -(-V // chunks)
     # -inf padding never wins the argmax and adds nothing to the sum of exponentials.
     padded_BCW = torch.nn.functional.pad(logits_BV, (0, chunks * width - V), value=float("-inf"))
-    padded_BCW = padded_BCW.view(B, -1, width)
+    padded_BCW = padded_BCW.view(B, chunks, width)
     chunk_arg_BC = padded_BCW.argmax(dim=-1)  # argmax: the first of equal maxima
     chunk_max_BC = padded_BCW.amax(dim=-1).float()
     shifted_BCW = padded_BCW.float() - chunk_max_BC[..., None]
