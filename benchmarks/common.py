@@ -271,8 +271,34 @@ def time_training(
     return Timing(step_ms=step_ms, window_s=window_s, counts=counts, setup_s=setup_s)
 
 
+# Kernel name fragments -> the share of a step they are counted under (first match wins).
+KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitk")),
+    ("optimizer", ("adam", "multi_tensor_apply")),
+    ("memset/memcpy", ("memset", "memcpy")),
+    ("triton (compiled elementwise and reductions)", ("triton_",)),
+)
+
+
+def kernel_breakdown(events: Any, steps: int) -> list[tuple[str, float, int]]:
+    """(category, device ms per step, kernels per step) over the profiled kernels."""
+    totals: dict[str, list[float]] = {}
+    for event in events:
+        if str(getattr(event, "device_type", "")).split(".")[-1] != "CUDA":
+            continue  # host-side ops: their device time is their kernels', counted below
+        name = event.key.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other kernels")
+        entry = totals.setdefault(category, [0.0, 0])
+        entry[0] += event.self_device_time_total / 1e3
+        entry[1] += event.count
+    rows = [(c, ms / steps, round(n / steps)) for c, (ms, n) in totals.items()]
+    return sorted(rows, key=lambda row: -row[1])
+
+
 def profile_steps(step: Callable[[], StepCounts], *, device: torch.device, path: Path, steps: int = 2) -> None:
-    """Profile a few more steps; the top ops by device time go to `path` (a small text file)."""
+    """Profile a few more steps: the device time per step by kernel category, then the
+    top kernels by their own device time, go to `path` (a small text file)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -280,9 +306,17 @@ def profile_steps(step: Callable[[], StepCounts], *, device: torch.device, path:
         for _ in range(steps):
             step()
         synchronize(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = prof.key_averages()
+    lines = [f"device time per step by kernel category ({steps} steps profiled)"]
+    breakdown = kernel_breakdown(events, steps)
+    total = sum(ms for _, ms, _ in breakdown)
+    for category, ms, count in breakdown:
+        lines.append(f"  {category:<48} {ms:9.2f} ms  {100 * ms / max(total, 1e-9):5.1f}%  {count:6d} kernels")
+    lines.append(f"  {'total':<48} {total:9.2f} ms")
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=70, max_name_column_width=100)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80))
+    path.write_text("\n".join(lines) + "\n\n" + table)
 
 
 def free_memory(device: torch.device) -> None:
