@@ -343,12 +343,13 @@ class FtTrainer:
     max_grad_norm: float | None = 1.0
     learning_rate: float = 1e-5
     activation_offloading: bool = False
+    optimizer: str = "fused"  # AdamW: "fused" (torch's kernel) | "compiled" (ft.training.compiled_adamw)
 
     def __post_init__(self) -> None:
         self.loss_fn = offloading_loss_fn(next_token_loss(self.loss_chunk_size), enabled=self.activation_offloading,
                                           device=self.gangs.device)
         self.optimizer = build_optimizer(self.model, learning_rate=self.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                         weight_decay=0.1)
+                                         weight_decay=0.1, implementation=self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, schedule="constant", warmup_steps=0, max_num_steps=10**6,
                                          final_lr_scale=1.0)
         self.scaler = torch.amp.GradScaler(self.gangs.device.type, enabled=False)  # bf16 needs no loss scaling

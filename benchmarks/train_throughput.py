@@ -74,6 +74,7 @@ class Variant:
     rows: str = "full"  # ft: "full" (causal SDPA) | "packed" (doc-masked, flex) | "unpacked" (ft padded); hf: "full" | "padded"
     hf_batch: int = 0  # examples per HF padded batch (workload c)
     fp8: str = "none"  # ft: torchao float8 linears, "tensorwise" | "rowwise" (ft.models.fp8)
+    optimizer: str = "fused"  # ft's AdamW: "fused" (torch's kernel) | "compiled" (ft.training.compiled_adamw)
 
 
 def _v(name: str, **kw: Any) -> Variant:
@@ -96,6 +97,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             # What the recipe does with full rows today: document ids -> the FlexAttention path.
             _v("ft_bf16_compile_packedpath", impl="ft", precision="bf16", compile=True, rows="packed"),
             _v("ft_bf16_compile_ac-selective", impl="ft", precision="bf16", compile=True, ac="selective"),
+            _v("ft_bf16_compile_compiled-adamw", impl="ft", precision="bf16", compile=True, optimizer="compiled"),
             # bf16 parameters, gradients and AdamW states; the linears compute in float8.
             _v("ft_fp8_tensorwise_compile", impl="ft", precision="bf16", compile=True, fp8="tensorwise"),
             _v("ft_fp8_rowwise_compile", impl="ft", precision="bf16", compile=True, fp8="rowwise"),
@@ -111,6 +113,8 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             _v("ft_bf16_compile_ac-full", impl="ft", precision="bf16", compile=True, ac="full"),
             # Every matmul output kept, only the elementwise ops recomputed (70.3 GiB measured and predicted).
             _v("ft_bf16_compile_ac-elementwise", impl="ft", precision="bf16", compile=True, ac="elementwise"),
+            _v("ft_bf16_compile_ac-elementwise_compiled-adamw", impl="ft", precision="bf16", compile=True,
+               ac="elementwise", optimizer="compiled"),
             # 8B x 16 bytes (fp32 weights + grads + AdamW) = 128 GB: pre-flight skips it on one GPU.
             _v("ft_mixed_compile_ac-selective", impl="ft", precision="mixed", compile=True, ac="selective"),
             _v("hf_bf16_compile_gc", impl="hf", precision="bf16", compile=True, ac="full"),
@@ -363,7 +367,7 @@ def make_step(workload: str, variant: Variant, config: Any, ctx: dict[str, Any],
     if variant.impl == "ft":
         model = build_ft(config, variant, gangs, seed=args.seed)
         trainer = common.FtTrainer(model=model, gangs=gangs, autocast=common.ft_autocast(device, variant.precision),
-                                   loss_chunk_size=args.loss_chunk_size)
+                                   loss_chunk_size=args.loss_chunk_size, optimizer=variant.optimizer)
         if workload != "c":  # full rows of random tokens
             gen = torch.Generator().manual_seed(args.seed)
             batches = [common.random_full_rows(batch_size=spec["batch_size"], seq_len=seq_len,
@@ -437,6 +441,7 @@ def run_variant(workload: str, variant: Variant, config: Any, ctx: dict[str, Any
     result: dict[str, Any] = {
         "name": variant.name, "impl": variant.impl, "precision": variant.precision, "compile": compile_,
         "activation_checkpointing": variant.ac, "rows": variant.rows, "fp8": variant.fp8,
+        "optimizer": variant.optimizer,
     }
     if variant.ac_blocks is not None:
         result["activation_checkpointing_blocks"] = variant.ac_blocks

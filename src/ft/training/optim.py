@@ -23,8 +23,12 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    implementation: str = "fused",
 ) -> torch.optim.AdamW:
-    """AdamW with no decay on norms and biases (1-D parameters), as is standard for LLMs."""
+    """AdamW with no decay on norms and biases (1-D parameters), as is standard for LLMs.
+
+    `implementation`: "fused" (torch's fused kernel on GPU, foreach on CPU) or
+    "compiled" (`ft.training.compiled_adamw.CompiledAdamW`, the same rule and state)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -33,6 +37,12 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if implementation == "compiled":
+        from ft.training.compiled_adamw import CompiledAdamW
+
+        return CompiledAdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+    if implementation != "fused":
+        raise ValueError(f"unknown AdamW implementation {implementation!r}: fused or compiled")
     on_cuda = any(p.is_cuda for p in decay + no_decay)
     # fused AdamW is one kernel for all parameters on GPU; foreach is the fast path on CPU.
     kwargs = {"fused": True} if on_cuda else {"foreach": True}

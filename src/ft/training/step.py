@@ -85,8 +85,8 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, *, max_grad_n
         scheduler.step()
         return grad_norm
     if fold:
-        # torch's fused Adam/AdamW divide each gradient by `grad_scale` inside the step
-        # (the hook GradScaler uses): dividing by 1/coef is clipping by coef, computed in float32.
+        # torch's fused Adam/AdamW (and CompiledAdamW) divide each gradient by `grad_scale`
+        # inside the step (the hook GradScaler uses): dividing by 1/coef is clipping by coef, computed in float32.
         optimizer.grad_scale = 1.0 / clip_coefficient(grad_norm, max_grad_norm)
         try:
             optimizer.step()
@@ -101,10 +101,17 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, *, max_grad_n
 
 
 def clip_folds_into_step(optimizer, scaler) -> bool:
-    """Whether `optimizer` can take the clipping factor itself: torch's fused Adam or AdamW
-    over plain tensors (not DTensors: the factor is a plain tensor), with no loss scaler
-    (which uses the same hook)."""
-    if scaler.is_enabled() or type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+    """Whether `optimizer` can take the clipping factor itself, with no loss scaler (which
+    uses the same hook): `CompiledAdamW` (it steps local shards, so DTensors too), or
+    torch's fused Adam or AdamW over plain tensors (not DTensors: the factor is a plain
+    tensor)."""
+    from ft.training.compiled_adamw import CompiledAdamW
+
+    if scaler.is_enabled():
+        return False
+    if isinstance(optimizer, CompiledAdamW):
+        return True
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
         return False
     if not all(group.get("fused") for group in optimizer.param_groups):
         return False
