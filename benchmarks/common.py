@@ -273,7 +273,7 @@ def time_training(
 
 # Kernel name fragments -> the share of a step they are counted under (first match wins).
 KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "attn", "cudnn")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitk")),
     ("optimizer", ("adam", "multi_tensor_apply")),
     ("memset/memcpy", ("memset", "memcpy")),
@@ -285,8 +285,8 @@ def kernel_breakdown(events: Any, steps: int) -> list[tuple[str, float, int]]:
     """(category, device ms per step, kernels per step) over the profiled kernels."""
     totals: dict[str, list[float]] = {}
     for event in events:
-        if str(getattr(event, "device_type", "")).split(".")[-1] != "CUDA":
-            continue  # host-side ops: their device time is their kernels', counted below
+        if str(getattr(event, "device_type", "")).split(".")[-1] != "CUDA" or "#" in event.key:
+            continue  # host-side ops and annotations (`Optimizer.step#AdamW.step`): their kernels count
         name = event.key.lower()
         category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other kernels")
         entry = totals.setdefault(category, [0.0, 0])

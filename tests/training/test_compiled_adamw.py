@@ -30,7 +30,7 @@ def _groups(params: list[nn.Parameter]) -> list[dict]:
 def _set_grads(params: list[nn.Parameter], step: int) -> None:
     g = torch.Generator().manual_seed(100 + step)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        p.grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype)  # the same values on any device
 
 
 def _run(optimizer, params, steps: int, *, start: int = 0, lr_decay: float = 0.7) -> None:
@@ -52,8 +52,8 @@ def test_steps_as_torch_adamw_in_float32(compile):
     _run(torch.optim.AdamW(_groups(theirs), foreach=False, **KW), theirs, 4)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    if compile:  # four learning rates, two groups: one graph per group, none per learning rate
-        assert counters["stats"]["unique_graphs"] - graphs_before == 2
+    if compile:  # four learning rates, three shapes, two weight decays: not a graph for each
+        assert counters["stats"]["unique_graphs"] - graphs_before <= 2
 
 
 def test_bfloat16_is_the_float32_step_rounded_once():
@@ -165,8 +165,6 @@ def test_compiled_on_cuda_matches_torch_fused(dtype):
     for i in range(4):
         _set_grads(ours, i)
         _set_grads(theirs, i)
-        for p in ours + theirs:
-            p.grad = p.grad.cuda()
         a.grad_scale = b.grad_scale = torch.tensor(2.0, device="cuda")
         a.step()
         b.step()

@@ -160,3 +160,24 @@ def test_fused_loss_gradients_under_a_scaled_loss_and_a_frozen_head(frozen_head)
     else:
         want = torch.autograd.grad(3.0 * cross_entropy_sum(head(hidden.detach()), labels), head.weight)[0]
         torch.testing.assert_close(got_weight, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_chunk_math_matches_eager():
+    """The chunk function as GPUs run it (compiled, dynamic lengths), here compiled for
+    the CPU: the same loss and gradients as eager, in bf16, on chunks of two lengths."""
+    from ft.training.loss import _chunk_loss_and_grads
+
+    compiled = torch.compile(_chunk_loss_and_grads, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1000, 32, generator=g).to(torch.bfloat16)
+    for rows in (64, 37):
+        hidden = torch.randn(rows, 32, generator=g).to(torch.bfloat16)
+        labels = torch.randint(0, 1000, (rows,), generator=g)
+        got, want = compiled(hidden, weight, labels), _chunk_loss_and_grads(hidden, weight, labels)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-3)
+        for a, b in zip(got[1:], want[1:]):
+            assert a.dtype == torch.bfloat16
+            torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-5)
+        # softmax - one_hot: each row of the logits' gradient sums to zero, -1 + p at the label.
+        assert got[2].float().sum(1).abs().max() < 2e-2
+        assert (got[2].float().gather(1, labels[:, None]) < 0).all()

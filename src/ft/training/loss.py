@@ -94,13 +94,14 @@ def _chunk_loss_and_grads(
     """Loss sum of one chunk, its gradient w.r.t. the chunk's hidden states, and the
     gradient w.r.t. its logits (the weight's gradient is accumulated from it outside,
     in place, so no vocab x dim temporary is made per chunk)."""
-    logits_CV = (hidden_CD @ weight_VD.t()).float()
-    lse_C = torch.logsumexp(logits_CV, dim=-1)
-    loss = (lse_C - logits_CV.gather(1, labels_C[:, None]).squeeze(1)).sum()
-    # d loss / d logits = softmax - one_hot(label)
-    grad_logits_CV = torch.exp(logits_CV - lse_C[:, None])
-    grad_logits_CV.scatter_add_(1, labels_C[:, None], grad_logits_CV.new_full((labels_C.shape[0], 1), -1.0))
-    grad_logits_CV = grad_logits_CV.to(hidden_CD.dtype)
+    logits_CV = hidden_CD @ weight_VD.t()
+    lse_C = torch.logsumexp(logits_CV.float(), dim=-1)
+    loss = (lse_C - logits_CV.gather(1, labels_C[:, None]).squeeze(1).float()).sum()
+    # d loss / d logits = softmax - one_hot(label). Written as one elementwise expression of
+    # the logits (no float32 copy of them, no scatter into one): compiled, the reduction and
+    # this are one kernel that reads the logits and writes the gradient over them in place.
+    is_label_CV = torch.arange(weight_VD.shape[0], device=labels_C.device)[None, :] == labels_C[:, None]
+    grad_logits_CV = (torch.exp(logits_CV.float() - lse_C[:, None]) - is_label_CV.float()).to(hidden_CD.dtype)
     return loss, grad_logits_CV @ weight_VD, grad_logits_CV
 
 
