@@ -75,6 +75,7 @@ class Variant:
     hf_batch: int = 0  # examples per HF padded batch (workload c)
     fp8: str = "none"  # ft: torchao float8 linears, "tensorwise" | "rowwise" (ft.models.fp8)
     optimizer: str = "fused"  # ft's AdamW: "fused" (torch's kernel) | "compiled" (ft.training.compiled_adamw)
+    loss_chunk: int | None = None  # ft: tokens per loss chunk (None: --loss-chunk-size)
 
 
 def _v(name: str, **kw: Any) -> Variant:
@@ -98,6 +99,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             _v("ft_bf16_compile_packedpath", impl="ft", precision="bf16", compile=True, rows="packed"),
             _v("ft_bf16_compile_ac-selective", impl="ft", precision="bf16", compile=True, ac="selective"),
             _v("ft_bf16_compile_compiled-adamw", impl="ft", precision="bf16", compile=True, optimizer="compiled"),
+            *[_v(f"ft_bf16_compile{opt}_chunk{n}", impl="ft", precision="bf16", compile=True,
+                 optimizer="compiled" if opt else "fused", loss_chunk=n)
+              for n in (2048, 4096) for opt in ("", "_compiled-adamw")],
             # bf16 parameters, gradients and AdamW states; the linears compute in float8.
             _v("ft_fp8_tensorwise_compile", impl="ft", precision="bf16", compile=True, fp8="tensorwise"),
             _v("ft_fp8_rowwise_compile", impl="ft", precision="bf16", compile=True, fp8="rowwise"),
@@ -367,7 +371,8 @@ def make_step(workload: str, variant: Variant, config: Any, ctx: dict[str, Any],
     if variant.impl == "ft":
         model = build_ft(config, variant, gangs, seed=args.seed)
         trainer = common.FtTrainer(model=model, gangs=gangs, autocast=common.ft_autocast(device, variant.precision),
-                                   loss_chunk_size=args.loss_chunk_size, optimizer=variant.optimizer)
+                                   loss_chunk_size=variant.loss_chunk or args.loss_chunk_size,
+                                   optimizer=variant.optimizer)
         if workload != "c":  # full rows of random tokens
             gen = torch.Generator().manual_seed(args.seed)
             batches = [common.random_full_rows(batch_size=spec["batch_size"], seq_len=seq_len,
@@ -443,6 +448,8 @@ def run_variant(workload: str, variant: Variant, config: Any, ctx: dict[str, Any
         "activation_checkpointing": variant.ac, "rows": variant.rows, "fp8": variant.fp8,
         "optimizer": variant.optimizer,
     }
+    if variant.loss_chunk is not None:
+        result["loss_chunk_size"] = variant.loss_chunk
     if variant.ac_blocks is not None:
         result["activation_checkpointing_blocks"] = variant.ac_blocks
     if variant.impl == "hf" and variant.rows == "padded":
