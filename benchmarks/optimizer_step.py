@@ -34,7 +34,7 @@ from ft.models import find_arch  # noqa: E402
 from ft.models.build import build_meta_model  # noqa: E402
 from ft.training.optim import clip_coefficient  # noqa: E402
 
-GiB = 1024**3
+GiB = common.GiB
 
 
 def timed(fn, *, warmup: int, steps: int) -> dict[str, float]:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def fn(opt=opt):
                 norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-                opt.clip_coefficient = clip_coefficient(norm, 1.0)
+                opt.grad_scale = 1.0 / clip_coefficient(norm, 1.0)
                 opt.step()
         else:
             raise SystemExit(f"unknown variant {name}")
