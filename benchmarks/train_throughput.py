@@ -101,7 +101,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             _v("ft_bf16_compile_compiled-adamw", impl="ft", precision="bf16", compile=True, optimizer="compiled"),
             *[_v(f"ft_bf16_compile{opt}_chunk{n}", impl="ft", precision="bf16", compile=True,
                  optimizer="compiled" if opt else "fused", loss_chunk=n)
-              for n in (2048, 4096) for opt in ("", "_compiled-adamw")],
+              for n in (2048, 4096, 16384) for opt in ("", "_compiled-adamw")],
             # bf16 parameters, gradients and AdamW states; the linears compute in float8.
             _v("ft_fp8_tensorwise_compile", impl="ft", precision="bf16", compile=True, fp8="tensorwise"),
             _v("ft_fp8_rowwise_compile", impl="ft", precision="bf16", compile=True, fp8="rowwise"),
