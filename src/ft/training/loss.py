@@ -164,6 +164,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None
         # In place: the gradients were made for this backward alone (the graph is not
         # retained), and a scaled copy of the head's gradient is another vocab x dim.
-        if grad_weight is not None:
-            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight, None, None, None
+        # One multi-tensor kernel: `mul_` by a 0-d device tensor runs torch's unvectorized
+        # broadcast kernel, 0.8 ms a step over a 128k-vocabulary head's gradient on an H100.
+        scaled = [grad_hidden] if grad_weight is None else [grad_hidden, grad_weight]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for tensor in scaled:
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+        for dtype, tensors in by_dtype.items():
+            torch._foreach_mul_(tensors, grad_loss.to(dtype))
+        return grad_hidden, grad_weight, None, None, None
