@@ -171,3 +171,21 @@ def test_compiled_on_cuda_matches_torch_fused(dtype):
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     for x, y in zip(ours, theirs):
         torch.testing.assert_close(x, y, **tolerance)
+
+
+def test_row_views_step_as_torch_adamw_with_few_graphs():
+    """Lengths that are multiples of 1,024 go through [rows, 1024] views (one graph for any
+    row count), the rest through 1-D views (another)."""
+    from torch._dynamo.utils import counters
+
+    shapes = [(4, 512), (2048,), (3, 1024), (1024,), (7, 5), (6,)]
+    g = torch.Generator().manual_seed(3)
+    ours = [nn.Parameter(torch.randn(shape, generator=g)) for shape in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    graphs_before = counters["stats"]["unique_graphs"]
+    optimizer = CompiledAdamW(_groups(ours), compile=True, **KW)
+    _run(optimizer, ours, 3)
+    _run(torch.optim.AdamW(_groups(theirs), foreach=False, **KW), theirs, 3)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 2  # one for rows, one for 1-D views

@@ -7,9 +7,10 @@ It is a `torch.optim.AdamW` (same param groups, the same `step` / `exp_avg` /
 `step()` differs. The update computes in float32 whatever the parameters' dtype and
 writes each parameter and its two moments back in place, one kernel per tensor, which
 inductor generates closer to the card's bandwidth than the multi-tensor kernel reads
-it. The function is compiled once, with a dynamic length (each tensor is passed as a
-1-D view): a graph over every parameter at once would take a minute and a half to
-compile for a 1B model.
+it. The function is compiled for a dynamic number of rows (each tensor is passed as a
+[rows, 1024] view where its length allows): a graph over every parameter at once
+would take a minute and a half to compile for a 1B model. The bias corrections are
+computed for all tensors first, in a few multi-tensor kernels.
 
 `grad_scale` is honoured as torch's fused AdamW honours it (each gradient is divided
 by it inside the step), which is how `ft.training.step.optimizer_step` folds the
@@ -21,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -30,32 +31,60 @@ def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: Tensor,
-                  inv_grad_scale: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_size: Tensor,
+                  bias_correction2_sqrt: Tensor, decay: Tensor, inv_grad_scale: Tensor, beta1: float, beta2: float,
+                  eps: float) -> None:
     """One AdamW step of one tensor (decoupled weight decay, bias-corrected moments) in
     place, computed in float32.
 
-    `lr` and `inv_grad_scale` are 0-d float32 tensors on the parameter's device, so a
-    new learning rate or clipping factor does not recompile.
+    The 0-d float32 tensors (`step_size` = lr / (1 - beta1^t), `bias_correction2_sqrt` =
+    sqrt(1 - beta2^t), `decay` = 1 - lr * weight_decay, `inv_grad_scale`) live on the
+    parameter's device, so a new learning rate, weight decay, step or clipping factor
+    does not recompile. The powers are computed
+    before (`bias_corrections`): inside this function inductor would compute them again for
+    every element.
     """
     g = grad.float() * inv_grad_scale
-    new_step = step + 1
     m = exp_avg.float() * beta1 + g * (1 - beta1)
     v = exp_avg_sq.float() * beta2 + g * g * (1 - beta2)
-    bias_correction1 = 1 - torch.pow(beta1, new_step)
-    bias_correction2 = 1 - torch.pow(beta2, new_step)
-    p = param.float() * (1 - lr * weight_decay)
-    denom = v.sqrt() / bias_correction2.sqrt() + eps
-    p = p - (lr / bias_correction1) * m / denom
+    p = param.float() * decay
+    denom = v.sqrt() / bias_correction2_sqrt + eps
+    p = p - step_size * m / denom
     param.copy_(p)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    step.copy_(new_step)
 
 
-def _flat(tensor: Tensor) -> Tensor:
-    """A 1-D view where there is one, so tensors of every shape share one compiled kernel."""
-    return tensor.view(-1) if tensor.is_contiguous() else tensor
+def bias_corrections(steps: list[Tensor], lr: Tensor, beta1: float,
+                     beta2: float) -> tuple[list[Tensor], list[Tensor]]:
+    """Advance every step counter by one and return, for each, lr / (1 - beta1^t) and
+    sqrt(1 - beta2^t): a handful of multi-tensor kernels for all of a group's parameters."""
+    torch._foreach_add_(steps, 1)
+    step_sizes = torch._foreach_pow(beta1, steps)
+    torch._foreach_neg_(step_sizes)
+    torch._foreach_add_(step_sizes, 1)
+    torch._foreach_reciprocal_(step_sizes)
+    torch._foreach_mul_(step_sizes, lr)
+    corrections2_sqrt = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(corrections2_sqrt)
+    torch._foreach_add_(corrections2_sqrt, 1)
+    torch._foreach_sqrt_(corrections2_sqrt)
+    return step_sizes, corrections2_sqrt
+
+
+ROW = 1024
+
+
+def _rows(tensor: Tensor) -> Tensor:
+    """A [rows, ROW] view where the length allows, else a 1-D one: tensors of every shape
+    share one kernel with a dynamic row count, and the static ROW tells inductor the
+    length is a multiple of 16, which a dynamic 1-D length does not (vectorized loads)."""
+    if not tensor.is_contiguous():
+        return tensor
+    # One row would be a graph of its own (dynamo specializes a length of 1).
+    view = tensor.view(-1, ROW) if tensor.numel() % ROW == 0 and tensor.numel() > ROW else tensor.view(-1)
+    torch._dynamo.maybe_mark_dynamic(view, 0)  # one graph for every length, not a first static one
+    return view
 
 
 class CompiledAdamW(torch.optim.AdamW):
@@ -72,25 +101,30 @@ class CompiledAdamW(torch.optim.AdamW):
                          capturable=True)
         self._compile = compile
         self._update = None
-        self._scalars: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._scalars: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     def _update_fn(self, device: torch.device):
         if self._update is None:
             compile = device.type == "cuda" if self._compile is None else self._compile
-            self._update = torch.compile(adamw_update_, fullgraph=True, dynamic=True) if compile else adamw_update_
+            # Automatic dynamic shapes: the second row count seen recompiles with a dynamic one;
+            # ROW stays static.
+            self._update = torch.compile(adamw_update_, fullgraph=True) if compile else adamw_update_
         return self._update
 
-    def _device_scalars(self, device: torch.device, lr: float, grad_scale: Any) -> tuple[Tensor, Tensor]:
+    def _device_scalars(self, device: torch.device, lr: float, weight_decay: float,
+                        grad_scale: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """lr, 1 - lr * weight_decay and 1 / grad_scale as 0-d tensors on `device` (reused:
+        a group's kernels are queued before the next group refills them)."""
         if device not in self._scalars:
-            self._scalars[device] = (torch.zeros((), dtype=torch.float32, device=device),
-                                     torch.ones((), dtype=torch.float32, device=device))
-        lr_t, inv_t = self._scalars[device]
-        lr_t.fill_(lr)  # a host float: filled by a kernel argument, no copy or sync
+            self._scalars[device] = tuple(torch.ones((), dtype=torch.float32, device=device) for _ in range(3))
+        lr_t, decay_t, inv_t = self._scalars[device]
+        lr_t.fill_(lr)  # host floats: filled by a kernel argument, no copy or sync
+        decay_t.fill_(1 - lr * weight_decay)
         if grad_scale is None:
             inv_t.fill_(1.0)
         else:
             torch.reciprocal(grad_scale.to(device=device, dtype=torch.float32), out=inv_t)
-        return lr_t, inv_t
+        return lr_t, decay_t, inv_t
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -105,9 +139,8 @@ class CompiledAdamW(torch.optim.AdamW):
             if isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"]):
                 raise ValueError("CompiledAdamW takes float learning rates and betas")
             beta1, beta2 = (float(b) for b in group["betas"])
-            constants = {"beta1": beta1, "beta2": beta2, "eps": float(group["eps"]),
-                         "weight_decay": float(group["weight_decay"])}
-            scalars = None
+            constants = {"beta1": beta1, "beta2": beta2, "eps": float(group["eps"])}
+            stepped = []
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -120,10 +153,19 @@ class CompiledAdamW(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 elif state["step"].device != param.device or state["step"].dtype != torch.float32:
                     state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
-                local = _local(param)
-                if scalars is None:
-                    scalars = self._device_scalars(local.device, group["lr"], grad_scale)
-                    update = self._update_fn(local.device)
-                update(_flat(local), _flat(_local(param.grad)), _flat(_local(state["exp_avg"])),
-                       _flat(_local(state["exp_avg_sq"])), _local(state["step"]), *scalars, **constants)
+                stepped.append(param)
+            by_device: dict[torch.device, list[nn.Parameter]] = {}
+            for param in stepped:
+                by_device.setdefault(_local(param).device, []).append(param)
+            for device, params in by_device.items():
+                lr_t, decay_t, inv_t = self._device_scalars(device, group["lr"], float(group["weight_decay"]),
+                                                            grad_scale)
+                update = self._update_fn(device)
+                step_sizes, corrections2_sqrt = bias_corrections(
+                    [_local(self.state[p]["step"]) for p in params], lr_t, beta1, beta2)
+                for param, step_size, correction2_sqrt in zip(params, step_sizes, corrections2_sqrt):
+                    state = self.state[param]
+                    update(_rows(_local(param)), _rows(_local(param.grad)), _rows(_local(state["exp_avg"])),
+                           _rows(_local(state["exp_avg_sq"])), step_size, correction2_sqrt, decay_t, inv_t,
+                           **constants)
         return loss
