@@ -178,6 +178,11 @@ def test_row_views_step_as_torch_adamw_with_few_graphs():
     row count), the rest through 1-D views (another)."""
     from torch._dynamo.utils import counters
 
+    from ft.training.compiled_adamw import _rows
+
+    assert _rows(torch.zeros(4, 512)).shape == (2, 1024)
+    assert _rows(torch.zeros(1024)).shape == (1024,)  # one row: a 1-D view (no graph of its own)
+    assert _rows(torch.zeros(7, 5)).shape == (35,)
     shapes = [(4, 512), (2048,), (3, 1024), (1024,), (7, 5), (6,)]
     g = torch.Generator().manual_seed(3)
     ours = [nn.Parameter(torch.randn(shape, generator=g)) for shape in shapes]

@@ -40,9 +40,8 @@ def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
     The 0-d float32 tensors (`step_size` = lr / (1 - beta1^t), `bias_correction2_sqrt` =
     sqrt(1 - beta2^t), `decay` = 1 - lr * weight_decay, `inv_grad_scale`) live on the
     parameter's device, so a new learning rate, weight decay, step or clipping factor
-    does not recompile. The powers are computed
-    before (`bias_corrections`): inside this function inductor would compute them again for
-    every element.
+    does not recompile. The powers are computed before (`bias_corrections`): inside this
+    function inductor would compute them again for every element.
     """
     g = grad.float() * inv_grad_scale
     m = exp_avg.float() * beta1 + g * (1 - beta1)
@@ -106,8 +105,7 @@ class CompiledAdamW(torch.optim.AdamW):
     def _update_fn(self, device: torch.device):
         if self._update is None:
             compile = device.type == "cuda" if self._compile is None else self._compile
-            # Automatic dynamic shapes: the second row count seen recompiles with a dynamic one;
-            # ROW stays static.
+            # Not dynamic=True: `_rows` marks only the row count dynamic, so ROW stays static.
             self._update = torch.compile(adamw_update_, fullgraph=True) if compile else adamw_update_
         return self._update
 
@@ -140,7 +138,7 @@ class CompiledAdamW(torch.optim.AdamW):
                 raise ValueError("CompiledAdamW takes float learning rates and betas")
             beta1, beta2 = (float(b) for b in group["betas"])
             constants = {"beta1": beta1, "beta2": beta2, "eps": float(group["eps"])}
-            stepped = []
+            by_device: dict[torch.device, list[nn.Parameter]] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -153,9 +151,6 @@ class CompiledAdamW(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 elif state["step"].device != param.device or state["step"].dtype != torch.float32:
                     state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
-                stepped.append(param)
-            by_device: dict[torch.device, list[nn.Parameter]] = {}
-            for param in stepped:
                 by_device.setdefault(_local(param).device, []).append(param)
             for device, params in by_device.items():
                 lr_t, decay_t, inv_t = self._device_scalars(device, group["lr"], float(group["weight_decay"]),

@@ -166,10 +166,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # retained), and a scaled copy of the head's gradient is another vocab x dim.
         # One multi-tensor kernel: `mul_` by a 0-d device tensor runs torch's unvectorized
         # broadcast kernel, 0.8 ms a step over a 128k-vocabulary head's gradient on an H100.
+        # (Its fast path needs one dtype, the scalar's too: fp32 master weights are a second list.)
         scaled = [grad_hidden] if grad_weight is None else [grad_hidden, grad_weight]
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for tensor in scaled:
-            by_dtype.setdefault(tensor.dtype, []).append(tensor)
-        for dtype, tensors in by_dtype.items():
-            torch._foreach_mul_(tensors, grad_loss.to(dtype))
+        for dtype in {tensor.dtype for tensor in scaled}:
+            torch._foreach_mul_([tensor for tensor in scaled if tensor.dtype == dtype], grad_loss.to(dtype))
         return grad_hidden, grad_weight, None, None, None
