@@ -166,6 +166,30 @@ def spec_peak_tflops(device: torch.device) -> float | None:
     return tflops
 
 
+def cuda_timed(fn, *, warmup: int, steps: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return {"median_ms": times[len(times) // 2], "min_ms": times[0]}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    src = torch.empty(GiB, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    result = cuda_timed(lambda: dst.copy_(src), warmup=3, steps=10)
+    return 2 * GiB / (result["median_ms"] / 1e3)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -37,30 +37,6 @@ from ft.training.optim import clip_coefficient  # noqa: E402
 GiB = common.GiB
 
 
-def timed(fn, *, warmup: int, steps: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return {"median_ms": times[len(times) // 2], "min_ms": times[0]}
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy."""
-    src = torch.empty(GiB, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    result = timed(lambda: dst.copy_(src), warmup=3, steps=10)
-    return 2 * GiB / (result["median_ms"] / 1e3)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama3_2_1b")
@@ -87,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     element = torch.finfo(dtype).bits // 8
     floor_bytes = numel * element * 7  # read p, g, m, v; write p, m, v
-    bandwidth = copy_bandwidth(device)
+    bandwidth = common.copy_bandwidth(device)
     report = {"benchmark": "optimizer_step", "arch": args.arch, "dtype": args.dtype, "parameters": numel,
               "tensors": len(shapes), "environment": common.environment(device),
               "copy_bandwidth_tb_s": bandwidth / 1e12, "floor_ms": floor_bytes / bandwidth * 1e3, "results": {}}
@@ -131,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         fn()  # first call: compiles where it compiles
         torch.cuda.synchronize()
         first_s = time.perf_counter() - t0
-        result = timed(fn, warmup=args.warmup, steps=args.steps)
+        result = common.cuda_timed(fn, warmup=args.warmup, steps=args.steps)
         moved = numel * element * (1 if name == "norm" else 7)
         result.update(first_call_s=first_s, tb_s=moved / (result["median_ms"] / 1e3) / 1e12)
         report["results"][name] = result

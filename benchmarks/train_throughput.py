@@ -59,6 +59,7 @@ from ft.gang import setup_gangs, teardown_gangs  # noqa: E402
 from ft.models import create_model, family_of, find_arch, model_flops_per_token  # noqa: E402
 from ft.models.family import parameter_count  # noqa: E402
 from ft.models.parallelize import parallelize_model  # noqa: E402
+from ft.training import loss as ft_loss  # noqa: E402
 
 TORCHTITAN_8B_TOKENS_PER_S = 10_797  # torchtitan's figure: 1 x H200, pure bf16, 4 x 2048, compile + selective AC
 
@@ -76,6 +77,7 @@ class Variant:
     fp8: str = "none"  # ft: torchao float8 linears, "tensorwise" | "rowwise" (ft.models.fp8)
     optimizer: str = "fused"  # ft's AdamW: "fused" (torch's kernel) | "compiled" (ft.training.compiled_adamw)
     loss_chunk: int | None = None  # ft: tokens per loss chunk (None: --loss-chunk-size)
+    loss_kernel: str = "triton"  # ft: a loss chunk's softmax gradient, ft.training.loss.CHUNK_KERNELS
 
 
 def _v(name: str, **kw: Any) -> Variant:
@@ -102,6 +104,10 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             *[_v(f"ft_bf16_compile{opt}_chunk{n}", impl="ft", precision="bf16", compile=True,
                  optimizer="compiled" if opt else "fused", loss_chunk=n)
               for n in (2048, 4096, 16384) for opt in ("", "_compiled-adamw")],
+            # The chunk's softmax gradient by the inductor-compiled expression (the path before ft's kernel).
+            _v("ft_bf16_compile_compiled-loss", impl="ft", precision="bf16", compile=True, loss_kernel="compiled"),
+            _v("ft_bf16_compile_compiled-loss_chunk16384", impl="ft", precision="bf16", compile=True,
+               loss_kernel="compiled", loss_chunk=16384),
             # bf16 parameters, gradients and AdamW states; the linears compute in float8.
             _v("ft_fp8_tensorwise_compile", impl="ft", precision="bf16", compile=True, fp8="tensorwise"),
             _v("ft_fp8_rowwise_compile", impl="ft", precision="bf16", compile=True, fp8="rowwise"),
@@ -369,6 +375,7 @@ def make_step(workload: str, variant: Variant, config: Any, ctx: dict[str, Any],
     spec = ctx["spec"]
     seq_len = spec["seq_len"]
     if variant.impl == "ft":
+        ft_loss.chunk_kernel = variant.loss_kernel  # variants run one after another in this process
         model = build_ft(config, variant, gangs, seed=args.seed)
         trainer = common.FtTrainer(model=model, gangs=gangs, autocast=common.ft_autocast(device, variant.precision),
                                    loss_chunk_size=variant.loss_chunk or args.loss_chunk_size,
@@ -448,6 +455,8 @@ def run_variant(workload: str, variant: Variant, config: Any, ctx: dict[str, Any
         "activation_checkpointing": variant.ac, "rows": variant.rows, "fp8": variant.fp8,
         "optimizer": variant.optimizer,
     }
+    if variant.impl == "ft":
+        result["loss_kernel"] = variant.loss_kernel
     if variant.loss_chunk is not None:
         result["loss_chunk_size"] = variant.loss_chunk
     if variant.ac_blocks is not None:

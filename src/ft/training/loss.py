@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ft.training import cross_entropy_kernel
+
 IGNORE_INDEX = -100
 
 
@@ -46,10 +48,11 @@ def chunked_cross_entropy_sum(
     if num_targets == 0:
         # Keep the graph connected so backward works on a batch without targets.
         return 0.0 * hidden_BTD.sum(dtype=torch.float32)
-    hidden_ND = hidden_BTD.flatten(0, 1).index_select(0, target_index_N)
     labels_N = labels_BT.flatten().index_select(0, target_index_N)
     if _is_plain_linear(output):
-        return _LinearCrossEntropy.apply(hidden_ND, output.weight, labels_N, chunk_size, backward_twice)
+        return _LinearCrossEntropy.apply(hidden_BTD.flatten(0, 1), output.weight, labels_N, target_index_N,
+                                         chunk_size, backward_twice)
+    hidden_ND = hidden_BTD.flatten(0, 1).index_select(0, target_index_N)
     total = hidden_BTD.new_zeros((), dtype=torch.float32)
     for start in range(0, num_targets, chunk_size):
         total = total + checkpoint(
@@ -105,12 +108,32 @@ def _chunk_loss_and_grads(
     return loss, grad_logits_CV @ weight_VD, grad_logits_CV
 
 
+def _kernel_chunk_loss_and_grads(
+    hidden_CD: torch.Tensor, weight_VD: torch.Tensor, labels_C: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_chunk_loss_and_grads` with the softmax gradient from ft's Triton kernel."""
+    logits_CV = hidden_CD @ weight_VD.t()
+    loss_C = cross_entropy_kernel.softmax_gradient_(logits_CV, labels_C)
+    return loss_C.sum(), logits_CV @ weight_VD, logits_CV
+
+
+CHUNK_KERNELS = ("triton", "compiled")
+chunk_kernel = "triton"
+"""The chunk math where Triton runs: "triton" (`ft.training.cross_entropy_kernel`: one pass over
+each row's logits whose second read hits the L2 cache), or "compiled" (`_chunk_loss_and_grads`
+through inductor, the path before it). Benchmarks set it to compare the two in one process."""
+
 _compiled_chunk = None
 
 
 def _chunk_fn(device: torch.device):
-    """The chunk math, compiled on GPUs (fuses the fp32 softmax passes); eager elsewhere."""
+    """The chunk math: ft's kernel where Triton runs, else compiled on GPUs (fuses the fp32
+    softmax passes), eager elsewhere."""
     global _compiled_chunk
+    if chunk_kernel not in CHUNK_KERNELS:
+        raise ValueError(f"chunk_kernel must be one of {CHUNK_KERNELS}, got {chunk_kernel!r}")
+    if chunk_kernel == "triton" and cross_entropy_kernel.usable(device):
+        return _kernel_chunk_loss_and_grads
     if device.type != "cuda":
         return _chunk_loss_and_grads
     if _compiled_chunk is None:
@@ -124,19 +147,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum CE(hidden @ weight.T, labels), gradients computed during forward."""
 
     @staticmethod
-    def forward(ctx, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor, chunk_size: int,
-                backward_twice: bool = False):
+    def forward(ctx, hidden_MD: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,
+                target_index_N: torch.Tensor, chunk_size: int, backward_twice: bool = False):
+        # hidden_MD: every position; target_index_N: the rows with a label. Selecting them here,
+        # not through autograd, lets backward write the rows' gradients with a plain copy
+        # (index_copy_: the indices are distinct) where index_select's backward is an index_add_.
         # Under autocast the matmuls run in its dtype; spell it out so the in-place
         # weight-gradient accumulation (not autocast) runs in it too.
-        device_type = hidden_ND.device.type
+        device_type = hidden_MD.device.type
         autocast = torch.is_autocast_enabled(device_type)
-        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden_ND.dtype
-        hidden_ND = hidden_ND.to(compute_dtype)
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden_MD.dtype
+        hidden_ND = hidden_MD.index_select(0, target_index_N).to(compute_dtype)
         weight = weight_VD.to(compute_dtype)
-        # fp32 master weights get an fp32 gradient accumulator; bf16 weights keep bf16. A frozen
-        # head (LoRA) gets none: vocab x dim of zeros kept until backward is a GiB on an 8B model.
-        grad_weight = torch.zeros_like(weight_VD) if ctx.needs_input_grad[1] else None
-        grad_hidden = torch.empty_like(hidden_ND)  # in the compute dtype; autograd casts it back
+        # fp32 master weights get an fp32 gradient; bf16 weights keep bf16. A frozen head (LoRA)
+        # gets none: vocab x dim of zeros kept until backward is a GiB on an 8B model.
+        needs_weight_grad = ctx.needs_input_grad[1]
+        grad_weight = None
+        # In the compute dtype; autograd casts it back. Rows without a label keep a zero gradient.
+        grad_hidden = hidden_ND.new_zeros(hidden_MD.shape) if ctx.needs_input_grad[0] else None
         loss = hidden_ND.new_zeros((), dtype=torch.float32)
         chunk = _chunk_fn(hidden_ND.device)
         for start in range(0, hidden_ND.shape[0], chunk_size):
@@ -144,9 +172,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden_CD = hidden_ND[start:end]
             loss_c, grad_hidden_c, grad_logits_CV = chunk(hidden_CD, weight, labels_N[start:end])
             loss += loss_c
-            grad_hidden[start:end] = grad_hidden_c
-            if grad_weight is None:
-                pass
+            if grad_hidden is not None:
+                grad_hidden.index_copy_(0, target_index_N[start:end], grad_hidden_c)
+            if not needs_weight_grad:
+                continue
+            if grad_weight is None:  # the first chunk writes it: no zeros to read back
+                grad_weight = (grad_logits_CV.t() @ hidden_CD).to(weight_VD.dtype)
             elif grad_weight.dtype == grad_logits_CV.dtype:
                 grad_weight.addmm_(grad_logits_CV.t(), hidden_CD)
             else:  # fp32 master weights, bf16 compute: accumulate in fp32
@@ -161,13 +192,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.backward_twice:  # the saved gradients are read again: scale copies
             if grad_weight is not None:
                 grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-            return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None
+            if grad_hidden is not None:
+                grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            return grad_hidden, grad_weight, None, None, None, None
         # In place: the gradients were made for this backward alone (the graph is not
         # retained), and a scaled copy of the head's gradient is another vocab x dim.
         # One multi-tensor kernel: `mul_` by a 0-d device tensor runs torch's unvectorized
         # broadcast kernel, 0.8 ms a step over a 128k-vocabulary head's gradient on an H100.
         # (Its fast path needs one dtype, the scalar's too: fp32 master weights are a second list.)
-        scaled = [grad_hidden] if grad_weight is None else [grad_hidden, grad_weight]
+        scaled = [tensor for tensor in (grad_hidden, grad_weight) if tensor is not None]
         for dtype in {tensor.dtype for tensor in scaled}:
             torch._foreach_mul_([tensor for tensor in scaled if tensor.dtype == dtype], grad_loss.to(dtype))
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
