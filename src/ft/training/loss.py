@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ft.models import tied_embedding
 from ft.training import cross_entropy_kernel
 
 IGNORE_INDEX = -100
@@ -182,6 +183,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits_CV.t(), hidden_CD)
             else:  # fp32 master weights, bf16 compute: accumulate in fp32
                 grad_weight += (grad_logits_CV.t() @ hidden_CD).to(grad_weight.dtype)
+        if grad_weight is not None and not backward_twice:  # a scaled copy would be returned instead
+            tied_embedding.hand_over(weight_VD, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.backward_twice = backward_twice
         return loss

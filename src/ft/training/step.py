@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ft.gang import Gangs
+from ft.models.tied_embedding import tied_gradient
 from ft.training.loss import chunked_cross_entropy_sum, target_positions
 from ft.training.optim import clip_coefficient, clip_grad_norm
 from ft.training.step_stats import StepStats
@@ -30,10 +31,12 @@ def next_token_loss(loss_chunk_size: int) -> LossFn:
         # Target positions come from the host labels: a nonzero() on the device would sync.
         target_index_N = target_positions(batch.labels_BT).to(device, non_blocking=True)
         batch = batch.to(device, non_blocking=True)
-        hidden = model(batch.tokens_BT, positions_BT=batch.positions_BT, document_ids_BT=batch.document_ids_BT,
-                       return_hidden=True)
-        return chunked_cross_entropy_sum(hidden, model.lm_head, batch.labels_BT, chunk_size=loss_chunk_size,
-                                         target_index_N=target_index_N)
+        # A tied embedding's gradient goes straight into the head's (ft.models.tied_embedding).
+        with tied_gradient(model.lm_head.weight):
+            hidden = model(batch.tokens_BT, positions_BT=batch.positions_BT, document_ids_BT=batch.document_ids_BT,
+                           return_hidden=True)
+            return chunked_cross_entropy_sum(hidden, model.lm_head, batch.labels_BT, chunk_size=loss_chunk_size,
+                                             target_index_N=target_index_N)
 
     return loss_fn
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ft.errors import ConfigError
 from ft.models.attention_mask import DecodeKeyMask, FlexKeyMask
 from ft.models.decode_attention import split_kv_decode_attention
+from ft.models import tied_embedding
 from ft.models.family_bundle import KVCache
 from ft.registry import Registry
 
@@ -398,7 +399,7 @@ class LlamaModel(nn.Module):
             if kv_cache is not None:
                 raise ValueError("decoding with a kv_cache needs explicit positions_BT")
             positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
-        h_BTD = self.embed_tokens(tokens_BT)
+        h_BTD = tied_embedding.embedding(self.embed_tokens, tokens_BT)
         cos_BTH, sin_BTH = self.rotary_emb(positions_BT, h_BTD.dtype)
         if kv_cache is not None:
             if document_ids_BT is not None:
