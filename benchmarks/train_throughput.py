@@ -77,7 +77,7 @@ class Variant:
     fp8: str = "none"  # ft: torchao float8 linears, "tensorwise" | "rowwise" (ft.models.fp8)
     optimizer: str = "fused"  # ft's AdamW: "fused" (torch's kernel) | "compiled" (ft.training.compiled_adamw)
     loss_chunk: int | None = None  # ft: tokens per loss chunk (None: --loss-chunk-size)
-    loss_kernel: str = "triton"  # ft: a loss chunk's softmax gradient, ft.training.loss.CHUNK_KERNELS
+    loss_kernel: str = "compiled"  # ft: a loss chunk's softmax gradient, ft.training.loss.CHUNK_KERNELS
 
 
 def _v(name: str, **kw: Any) -> Variant:
@@ -104,10 +104,11 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             *[_v(f"ft_bf16_compile{opt}_chunk{n}", impl="ft", precision="bf16", compile=True,
                  optimizer="compiled" if opt else "fused", loss_chunk=n)
               for n in (2048, 4096, 16384) for opt in ("", "_compiled-adamw")],
-            # The chunk's softmax gradient by the inductor-compiled expression (the path before ft's kernel).
-            _v("ft_bf16_compile_compiled-loss", impl="ft", precision="bf16", compile=True, loss_kernel="compiled"),
-            _v("ft_bf16_compile_compiled-loss_chunk16384", impl="ft", precision="bf16", compile=True,
-               loss_kernel="compiled", loss_chunk=16384),
+            # The chunk's softmax gradient by ft's Triton kernel (ft.training.cross_entropy_kernel).
+            _v("ft_bf16_compile_triton-loss", impl="ft", precision="bf16", compile=True, loss_kernel="triton"),
+            *[_v(f"ft_bf16_compile_triton-loss{opt}_chunk16384", impl="ft", precision="bf16", compile=True,
+                 loss_kernel="triton", loss_chunk=16384, optimizer="compiled" if opt else "fused")
+              for opt in ("", "_compiled-adamw")],
             # bf16 parameters, gradients and AdamW states; the linears compute in float8.
             _v("ft_fp8_tensorwise_compile", impl="ft", precision="bf16", compile=True, fp8="tensorwise"),
             _v("ft_fp8_rowwise_compile", impl="ft", precision="bf16", compile=True, fp8="rowwise"),

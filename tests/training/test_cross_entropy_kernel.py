@@ -42,7 +42,8 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
         torch.testing.assert_close(loss, want_loss, atol=tol, rtol=tol)
         torch.testing.assert_close(logits.float(), want_grad, atol=tol, rtol=tol)
 
-# The fused loss through the kernel (it is the chunk math wherever Triton runs), against full logits.
+# The fused loss through the kernel (chosen, it is the chunk math wherever Triton runs), against full logits.
+loss_module.chunk_kernel = "triton"
 assert loss_module._chunk_fn(torch.device("cpu")) is loss_module._kernel_chunk_loss_and_grads
 head = torch.nn.Linear(16, 300, bias=False)
 hidden = torch.randn(2, 9, 16, requires_grad=True, generator=g)
@@ -73,7 +74,10 @@ def test_kernel_interpreted_on_the_cpu_matches_torch():
 
 
 def test_off_triton_the_chunk_math_is_eager_and_a_bad_choice_is_named(monkeypatch):
+    assert loss_module.chunk_kernel == "compiled"  # the kernel is opt-in
+    assert loss_module._chunk_fn(torch.device("cpu")) is loss_module._chunk_loss_and_grads
     if os.environ.get("TRITON_INTERPRET") != "1":
+        monkeypatch.setattr(loss_module, "chunk_kernel", "triton")
         assert loss_module._chunk_fn(torch.device("cpu")) is loss_module._chunk_loss_and_grads
     monkeypatch.setattr(loss_module, "chunk_kernel", "liger")
     with pytest.raises(ValueError, match="chunk_kernel must be one of"):

@@ -118,11 +118,12 @@ def _kernel_chunk_loss_and_grads(
     return loss_C.sum(), logits_CV @ weight_VD, logits_CV
 
 
-CHUNK_KERNELS = ("triton", "compiled")
-chunk_kernel = "triton"
-"""The chunk math where Triton runs: "triton" (`ft.training.cross_entropy_kernel`: one pass over
-each row's logits whose second read hits the L2 cache), or "compiled" (`_chunk_loss_and_grads`
-through inductor, the path before it). Benchmarks set it to compare the two in one process."""
+CHUNK_KERNELS = ("compiled", "triton")
+chunk_kernel = "compiled"
+"""The chunk math on CUDA: "compiled" (`_chunk_loss_and_grads` through inductor, one reduction
+that reads each row twice), or "triton" (`ft.training.cross_entropy_kernel`: the same pass with
+each row's second read from the L2 cache; where Triton runs, its CPU interpreter included). The
+kernel stays opt-in until a GPU measurement shows it faster; benchmarks set this per variant."""
 
 _compiled_chunk = None
 
