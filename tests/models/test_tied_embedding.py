@@ -14,21 +14,10 @@ from ft.models import tied_embedding
 from ft.training.loss import chunked_cross_entropy_sum, cross_entropy_sum
 from ft.training.step import accumulate_gradients, next_token_loss
 from ft.training.step_stats import StepStats
+from tests.training.test_loss_and_accumulation import OneProcess
 
 TIED = find_arch("llama_debug_tied")[1]
 UNTIED = find_arch("llama_debug")[1]
-
-
-class OneProcess:
-    class _Gang:
-        rank, size = 0, 1
-
-        def all_reduce(self, tensor, op="sum"):
-            pass
-
-    def __init__(self):
-        self.root = self.dp = self.tp = self._Gang()
-        self.device = torch.device("cpu")
 
 
 def batches(config, count):

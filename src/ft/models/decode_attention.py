@@ -23,32 +23,17 @@ the kernels on the CPU through Triton's interpreter (`TRITON_INTERPRET=1`).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ft.models.attention_mask import DecodeKeyMask
+from ft.triton_support import triton_usable
 
 BLOCK_KEYS = 64
 """Keys per inner-loop tile of a program."""
-
-
-def triton_usable(device: torch.device) -> bool:
-    """Whether the split-KV kernels can run on `device`: CUDA with Triton, or Triton's
-    CPU interpreter."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    return _triton_installed()
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    # Asked by every eager call of the op (each layer, each step): look it up once.
-    return importlib.util.find_spec("triton") is not None
 
 
 def split_kv_decode_attention(q_BNTH: Tensor, k_BKSH: Tensor, v_BKSH: Tensor, mask: DecodeKeyMask) -> Tensor:

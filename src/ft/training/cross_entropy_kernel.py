@@ -13,10 +13,10 @@ Imported only where Triton is (CUDA, or Triton's CPU interpreter under TRITON_IN
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
+
+from ft.triton_support import triton_usable
 
 BLOCK = 8192
 """Logits per inner-loop tile of a program."""
@@ -26,15 +26,8 @@ PROGRAMS_PER_SM = 1
 
 
 def usable(device: torch.device) -> bool:
-    """Whether the kernel can run on `device`: CUDA with Triton, or Triton's CPU interpreter."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    return _triton_installed()
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether the kernel can run on `device` (`ft.triton_support.triton_usable`)."""
+    return triton_usable(device)
 
 
 def softmax_gradient_(
