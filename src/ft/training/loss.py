@@ -129,8 +129,8 @@ _compiled_chunk = None
 
 
 def _chunk_fn(device: torch.device):
-    """The chunk math: ft's kernel where Triton runs, else compiled on GPUs (fuses the fp32
-    softmax passes), eager elsewhere."""
+    """The chunk math: ft's kernel when `chunk_kernel` asks for it and Triton runs, else
+    compiled on GPUs (fuses the fp32 softmax passes), eager elsewhere."""
     global _compiled_chunk
     if chunk_kernel not in CHUNK_KERNELS:
         raise ValueError(f"chunk_kernel must be one of {CHUNK_KERNELS}, got {chunk_kernel!r}")
