@@ -7,7 +7,7 @@ program keeps one row in flight at a time, and a grid of about one program per S
 all rows in flight (a row of a 128k vocabulary is 250 KB of bf16) inside the L2 cache, so
 the second read of a row, for its gradient, mostly hits the cache.
 
-Imported only where Triton is (CUDA, or Triton's CPU interpreter under TRITON_INTERPRET=1).
+Called only where `ft.triton_support.triton_usable` holds (CUDA, or the CPU interpreter).
 """
 
 from __future__ import annotations
@@ -16,18 +16,12 @@ import functools
 
 import torch
 
-from ft.triton_support import triton_usable
 
 BLOCK = 8192
 """Logits per inner-loop tile of a program."""
 
 NUM_WARPS = 16
 PROGRAMS_PER_SM = 1
-
-
-def usable(device: torch.device) -> bool:
-    """Whether the kernel can run on `device` (`ft.triton_support.triton_usable`)."""
-    return triton_usable(device)
 
 
 def softmax_gradient_(

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ft.models import tied_embedding
 from ft.training import cross_entropy_kernel
+from ft.triton_support import triton_usable
 
 IGNORE_INDEX = -100
 
@@ -134,7 +135,7 @@ def _chunk_fn(device: torch.device):
     global _compiled_chunk
     if chunk_kernel not in CHUNK_KERNELS:
         raise ValueError(f"chunk_kernel must be one of {CHUNK_KERNELS}, got {chunk_kernel!r}")
-    if chunk_kernel == "triton" and cross_entropy_kernel.usable(device):
+    if chunk_kernel == "triton" and triton_usable(device):
         return _kernel_chunk_loss_and_grads
     if device.type != "cuda":
         return _chunk_loss_and_grads
